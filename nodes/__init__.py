@@ -1,0 +1,3 @@
+"""ComfyUI node classes; each declares a schema and calls the runtime."""
+NODE_CLASS_MAPPINGS: dict[str, type] = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

@@ -1,0 +1,1 @@
+"""wanflow runtime: the engine behind the nodes, CLI and server. Never imports ComfyUI."""
