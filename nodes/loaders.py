@@ -1,0 +1,109 @@
+"""Loader nodes: diffusion model, text encoder, VAE (ComfyUI single files) and diffusers folders."""
+from __future__ import annotations
+
+from ..runtime import model_cache
+from ..runtime.devices import DEVICE_CHOICES, DTYPE_CHOICES, resolve_device, resolve_dtype
+from ..runtime.models import load_diffusers_folder, load_diffusion_model
+from ..runtime.paths import list_models, resolve_model
+from ..runtime.schema import Input, NodeSchema, Output, SchemaNode
+from ..runtime.text import load_text_encoder
+from ..runtime.vae import load_vae
+
+CATEGORY = "wanflow/loaders"
+
+
+def _dtype_input(tooltip: str = "auto keeps the file's precision (fp8 files load as bf16)") -> Input:
+    return Input("weight_dtype", "COMBO", default="auto", options=DTYPE_CHOICES, tooltip=tooltip)
+
+
+def _device_input() -> Input:
+    return Input("device", "COMBO", default="auto", options=DEVICE_CHOICES, tooltip="auto: CUDA if available")
+
+
+def _load(folder: str, name: str, weight_dtype: str, device: str, loader):
+    path = resolve_model(folder, name)
+    dtype, dev = resolve_dtype(weight_dtype), resolve_device(device)
+    return model_cache.cached(folder, str(path), (str(dtype), str(dev)), lambda: loader(path, dtype=dtype, device=dev))
+
+
+class WanflowModelLoader(SchemaNode):
+    SCHEMA = NodeSchema(
+        node_id="WanflowModelLoader",
+        display_name="Wan Diffusion Model Loader",
+        category=CATEGORY,
+        description="Loads a Wan2.1 / Wan2.2 diffusion model file (fp16, bf16, fp8, fp8_scaled); the variant is detected from the file's contents.",
+        inputs=(
+            Input("model_name", "COMBO", options=lambda: list_models("diffusion_models"), tooltip="file in models/diffusion_models"),
+            _dtype_input(),
+            _device_input(),
+        ),
+        outputs=(Output("WANFLOW_MODEL", "model"),),
+    )
+
+    def execute(self, model_name: str, weight_dtype: str = "auto", device: str = "auto"):
+        return (_load("diffusion_models", model_name, weight_dtype, device, load_diffusion_model),)
+
+
+class WanflowTextEncoderLoader(SchemaNode):
+    SCHEMA = NodeSchema(
+        node_id="WanflowTextEncoderLoader",
+        display_name="Wan Text Encoder Loader (UMT5)",
+        category=CATEGORY,
+        description="Loads a UMT5-XXL text encoder file; its tokenizer comes from the file itself.",
+        inputs=(
+            Input("text_encoder_name", "COMBO", options=lambda: list_models("text_encoders"), tooltip="file in models/text_encoders"),
+            _dtype_input(),
+            _device_input(),
+        ),
+        outputs=(Output("WANFLOW_TEXT_ENCODER", "text_encoder"),),
+    )
+
+    def execute(self, text_encoder_name: str, weight_dtype: str = "auto", device: str = "auto"):
+        return (_load("text_encoders", text_encoder_name, weight_dtype, device, load_text_encoder),)
+
+
+class WanflowVAELoader(SchemaNode):
+    SCHEMA = NodeSchema(
+        node_id="WanflowVAELoader",
+        display_name="Wan VAE Loader",
+        category=CATEGORY,
+        description="Loads a Wan VAE file (wan_2.1_vae / wan2.2_vae).",
+        inputs=(
+            Input("vae_name", "COMBO", options=lambda: list_models("vae"), tooltip="file in models/vae"),
+            _dtype_input(),
+            _device_input(),
+        ),
+        outputs=(Output("WANFLOW_VAE", "vae"),),
+    )
+
+    def execute(self, vae_name: str, weight_dtype: str = "auto", device: str = "auto"):
+        return (_load("vae", vae_name, weight_dtype, device, load_vae),)
+
+
+class WanflowDiffusersLoader(SchemaNode):
+    SCHEMA = NodeSchema(
+        node_id="WanflowDiffusersLoader",
+        display_name="Wan Diffusers Folder Loader",
+        category=CATEGORY,
+        description="Loads model, text encoder and VAE from a diffusers-format Wan folder.",
+        inputs=(
+            Input("folder", "COMBO", options=lambda: list_models("diffusers"), tooltip="folder in models/diffusers"),
+            _dtype_input(),
+            _device_input(),
+        ),
+        outputs=(
+            Output("WANFLOW_MODEL", "model"),
+            Output("WANFLOW_TEXT_ENCODER", "text_encoder"),
+            Output("WANFLOW_VAE", "vae"),
+        ),
+    )
+
+    def execute(self, folder: str, weight_dtype: str = "auto", device: str = "auto"):
+        parts = _load("diffusers", folder, weight_dtype, device, load_diffusers_folder)
+        return (parts.model, parts.text_encoder, parts.vae)
+
+
+LOADER_NODES = {
+    cls.SCHEMA.node_id: cls
+    for cls in (WanflowModelLoader, WanflowTextEncoderLoader, WanflowVAELoader, WanflowDiffusersLoader)
+}

@@ -1,0 +1,139 @@
+"""Writes the saved workflows in workflows/ (UI format + API twin) from one graph description.
+
+Generating both formats from the node schemas keeps them in step with the nodes: a widget
+added to a node shows up in the saved files the next time this runs.
+Usage: python -m wanflow.scripts.make_workflows [OUT_DIR]
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..nodes import NODE_CLASS_MAPPINGS
+from ..runtime.schema import NodeSchema
+
+
+@dataclass
+class GraphNode:
+    id: int
+    type: str
+    title: str
+    widgets: dict[str, Any] = field(default_factory=dict)
+    links: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """input name -> (source node id, output slot)."""
+
+
+def _schema(node_type: str) -> NodeSchema:
+    return NODE_CLASS_MAPPINGS[node_type].SCHEMA
+
+
+def to_api(nodes: list[GraphNode]) -> dict[str, Any]:
+    prompt = {}
+    for n in nodes:
+        inputs: dict[str, Any] = {}
+        for inp in _schema(n.type).inputs:
+            if inp.name in n.links:
+                src, slot = n.links[inp.name]
+                inputs[inp.name] = [str(src), slot]
+            elif inp.name in n.widgets:
+                inputs[inp.name] = n.widgets[inp.name]
+            elif inp.is_widget and inp.default is not None:
+                inputs[inp.name] = inp.default
+        prompt[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": n.title}}
+    return prompt
+
+
+def to_ui(nodes: list[GraphNode]) -> dict[str, Any]:
+    links: list[list[Any]] = []
+    out_links: dict[tuple[int, int], list[int]] = {}
+    in_link: dict[tuple[int, str], int] = {}
+    for n in nodes:
+        for name, (src, slot) in n.links.items():
+            link_id = len(links) + 1
+            src_type = _schema(next(m.type for m in nodes if m.id == src)).outputs[slot].type
+            target_slot = [i.name for i in _schema(n.type).inputs if not i.is_widget].index(name)
+            links.append([link_id, src, slot, n.id, target_slot, src_type])
+            out_links.setdefault((src, slot), []).append(link_id)
+            in_link[(n.id, name)] = link_id
+    ui_nodes = []
+    for order, n in enumerate(nodes):
+        schema = _schema(n.type)
+        widgets_values: list[Any] = []
+        for inp in schema.widget_inputs():
+            widgets_values.append(n.widgets.get(inp.name, inp.default))
+            if inp.control_after_generate:
+                widgets_values.append("fixed")
+        ui_nodes.append({
+            "id": n.id,
+            "type": n.type,
+            "title": n.title,
+            "pos": [60 + 340 * (order % 4), 80 + 360 * (order // 4)],
+            "size": [315, 130],
+            "flags": {},
+            "order": order,
+            "mode": 0,
+            "inputs": [
+                {"name": i.name, "type": i.type, "link": in_link.get((n.id, i.name))}
+                for i in schema.inputs if not i.is_widget
+            ],
+            "outputs": [
+                {"name": o.display_name, "type": o.type, "links": out_links.get((n.id, slot), []), "slot_index": slot}
+                for slot, o in enumerate(schema.outputs)
+            ],
+            "properties": {"Node name for S&R": n.type},
+            "widgets_values": widgets_values,
+        })
+    return {
+        "last_node_id": max(n.id for n in nodes),
+        "last_link_id": len(links),
+        "nodes": ui_nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}},
+        "version": 0.4,
+    }
+
+
+def t2v_wan21() -> list[GraphNode]:
+    return [
+        GraphNode(1, "WanflowModelLoader", "Load Diffusion Model", {"model_name": "wan2.1_t2v_1.3B_fp16.safetensors"}),
+        GraphNode(2, "WanflowTextEncoderLoader", "Load Text Encoder", {"text_encoder_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors"}),
+        GraphNode(3, "WanflowVAELoader", "Load VAE", {"vae_name": "wan_2.1_vae.safetensors"}),
+        GraphNode(4, "WanflowTextEncode", "Prompt", {"positive": "A red fox trotting through a snowy birch forest at dawn, soft light, cinematic"}, {"text_encoder": (2, 0)}),
+        GraphNode(5, "WanflowEmptyLatentVideo", "Video Size", {"width": 832, "height": 480, "length": 81}),
+        GraphNode(6, "WanflowSampler", "Sampler", {"seed": 42, "steps": 30, "cfg": 6.0, "shift": 8.0},
+                  {"model": (1, 0), "conditioning": (4, 0), "latent": (5, 0)}),
+        GraphNode(7, "WanflowVAEDecode", "Decode", {}, {"vae": (3, 0), "samples": (6, 0)}),
+        GraphNode(8, "WanflowSaveVideo", "Save Video", {"filename_prefix": "wanflow/t2v", "fps": 16}, {"images": (7, 0)}),
+    ]
+
+
+WORKFLOWS = {"t2v_wan21": t2v_wan21}
+
+
+def write_all(out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, build in WORKFLOWS.items():
+        nodes = build()
+        for suffix, doc in (("", to_ui(nodes)), ("_api", to_api(nodes))):
+            path = out_dir / f"{name}{suffix}.json"
+            path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    out = Path(argv[0]) if argv else Path(__file__).resolve().parent.parent / "workflows"
+    for p in write_all(out):
+        sys.stdout.write(f"{p}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
