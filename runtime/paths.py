@@ -80,3 +80,8 @@ def resolve_model(folder: str, name: str) -> Path:
             f"'{name}' not found in {root} (available: {available})", file=str(full)
         )
     return full
+
+
+def workflows_dir() -> Path:
+    """The saved workflows shipped with the package (`workflows/` at the package root)."""
+    return Path(__file__).resolve().parent.parent / "workflows"

@@ -1,0 +1,4 @@
+"""`python -m wanflow ...`"""
+from .scripts.cli import main
+
+raise SystemExit(main())

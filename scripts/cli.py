@@ -1,0 +1,148 @@
+"""`wanflow` command line: thin entry points over the runtime."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..runtime import io_dirs, paths
+from ..runtime.errors import WanflowError, WorkflowValidationError
+
+log = logging.getLogger("wanflow")
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _add_dirs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", help="models folder in ComfyUI's layout (default: $WANFLOW_MODELS or ./models)")
+    p.add_argument("--output", help="output folder (default: ./output)")
+    p.add_argument("--input", help="input folder for LoadImage (default: ./input)")
+
+
+def _apply_dirs(args: argparse.Namespace) -> None:
+    if args.models:
+        paths.set_models_dir(args.models)
+    io_dirs.set_io_dirs(input=args.input, output=args.output)
+
+
+def _titles(prompt: dict[str, Any]) -> dict[str, str]:
+    return {nid: n.get("_meta", {}).get("title") or n.get("class_type", nid) for nid, n in prompt.items()}
+
+
+def _report(summary: Any, as_json: bool, perf_dump: str | None) -> int:
+    if perf_dump:
+        Path(perf_dump).write_text(json.dumps(summary.as_dict(), indent=2))
+    if as_json:
+        _out(json.dumps(summary.as_dict(), indent=2))
+    else:
+        for f in summary.files:
+            _out(str(f))
+        if summary.error:
+            log.error("%s: %s", summary.status, summary.error)
+    return 0 if summary.status == "success" else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..nodes import node_registry
+    from ..runtime.workflow.run import load_prompt, run_workflow
+    from .progress_bar import TqdmListener
+
+    _apply_dirs(args)
+    registry = node_registry()
+    prompt, _ = load_prompt(args.file, registry)
+    listener = None if args.json else TqdmListener(_titles(prompt))
+    summary = run_workflow(args.file, registry, overrides=args.set, seed=args.seed, listener=listener)
+    return _report(summary, args.json, args.perf_dump)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from ..nodes import node_registry
+    from ..runtime.workflow.run import apply_overrides, load_prompt
+    from ..runtime.workflow.validate import validate_prompt
+
+    _apply_dirs(args)
+    registry = node_registry()
+    prompt, _ = load_prompt(args.file, registry)
+    apply_overrides(prompt, args.set, registry)
+    result = validate_prompt(prompt, registry)
+    if args.json:
+        _out(json.dumps(result.response(), indent=2))
+    else:
+        _out(result.summary())
+    return 0 if result.ok else 1
+
+
+def cmd_make_tiny_models(args: argparse.Namespace) -> int:
+    from ..runtime.tiny import make_tiny_models
+
+    made = make_tiny_models(Path(args.dir))
+    _out(f"tiny random smoke-test models (not for real use) in {made.root}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..nodes import node_registry
+    from ..runtime.demo import run_demo
+
+    _apply_dirs(args)
+    summary = run_demo(node_registry(), models_dir=paths.models_dir())
+    for f in summary.files:
+        _out(f"wrote {f}")
+    _out("(rendered with tiny random smoke-test models: the video is noise by design; point --models at real Wan files for real videos)")
+    return 0 if summary.status == "success" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wanflow", description="Run Wan2.1 / Wan2.2 video models: workflows, server, benchmarks.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a saved ComfyUI workflow (UI or API format)")
+    p.add_argument("file")
+    p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE", help="override an input; NODE is an id or a title")
+    p.add_argument("--seed", type=int, help="set every seed widget")
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of file names")
+    p.add_argument("--perf-dump", metavar="FILE", help="write per-node timings as JSON")
+    _add_dirs(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="validate a workflow without running it")
+    p.add_argument("file")
+    p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE")
+    p.add_argument("--json", action="store_true")
+    _add_dirs(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("demo", help="render a short video with tiny smoke-test models (made if absent)")
+    _add_dirs(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("make-tiny-models", help="write tiny random Wan models in the real file formats")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_make_tiny_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except WorkflowValidationError as e:
+        log.error("invalid workflow: %s", e.message)
+        for node_id, entry in e.node_errors.items():
+            for err in entry.get("errors", []):
+                log.error("  node %s (%s): %s", node_id, entry.get("class_type"), err.get("details") or err.get("message"))
+        return 2
+    except WanflowError as e:
+        log.error("%s", e.message)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
