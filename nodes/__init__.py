@@ -1,5 +1,6 @@
 """ComfyUI node classes; each declares a schema and calls the runtime."""
 from ..runtime.schema import NodeRegistry
+from .cache import CACHE_NODES
 from .conditioning import CONDITIONING_NODES
 from .loaders import LOADER_NODES
 from .sampler import SAMPLER_NODES
@@ -13,6 +14,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     **SAMPLER_NODES,
     **VAE_NODES,
     **SAVE_NODES,
+    **CACHE_NODES,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     name: cls.SCHEMA.display_name for name, cls in NODE_CLASS_MAPPINGS.items()

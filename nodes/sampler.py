@@ -46,6 +46,8 @@ class WanflowSampler(SchemaNode):
             result = sample(model, request, reporter)
         out = dict(latent)
         out["samples"] = result.latent
+        if "cache_summary" in result.stats:
+            return {"ui": {"text": [result.stats["cache_summary"]]}, "result": (out,)}
         return (out,)
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..cache import job_cache
 from ..errors import InputValueError
 from ..progress import ProgressReporter, current_reporter
 from .latent_format import denormalize, latent_format, normalize
@@ -104,27 +105,32 @@ def sample(
         latents = sigma * noise + (1.0 - sigma) * x0
 
     guide = _Guidance(model, request, latents.shape[0], scheduler.config.num_train_timesteps)
+    # The cache needs the whole job's shape up front: steps per expert and which use CFG.
+    step_experts = [guide.expert_for(t)[0] for t in timesteps]
+    expert_steps = [step_experts.count(k) for k in range(len(guide.experts))]
+    cfg = [guide.negative is not None and guide.guidance[k] > 1.0 for k in range(len(guide.experts))]
     trace: list[StepTrace] = []
-    for i, t in enumerate(timesteps):
-        reporter.raise_if_interrupted()
-        expert, guidance_scale = guide.expert_for(t)
-        velocity = guide.predict(expert, latents, t, guidance_scale)
-        preview = None
-        if (i + 1) % preview_every == 0 or i + 1 == plan.steps:
-            # x0 = x_t - sigma_t * v for a flow prediction v = noise - x0.
-            estimate = latents - sigmas[plan.start + i] * velocity
-            preview = denormalize(estimate, vae_family).cpu()
-        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
-        trace.append(StepTrace(index=i, timestep=float(t), expert=expert, guidance_scale=guidance_scale))
-        reporter.progress(i + 1, plan.steps, preview)
+    with job_cache(model, plan.steps, expert_steps=expert_steps, cfg=cfg) as cache_stats:
+        for i, t in enumerate(timesteps):
+            reporter.raise_if_interrupted()
+            expert, guidance_scale = guide.expert_for(t)
+            velocity = guide.predict(expert, latents, t, guidance_scale)
+            preview = None
+            if (i + 1) % preview_every == 0 or i + 1 == plan.steps:
+                # x0 = x_t - sigma_t * v for a flow prediction v = noise - x0.
+                estimate = latents - sigmas[plan.start + i] * velocity
+                preview = denormalize(estimate, vae_family).cpu()
+            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+            trace.append(StepTrace(index=i, timestep=float(t), expert=expert, guidance_scale=guidance_scale))
+            reporter.progress(i + 1, plan.steps, preview)
 
     elapsed = time.perf_counter() - started
     log.debug("sampled %d steps (%s) in %.2f s", plan.steps, request.scheduler, elapsed)
-    return SamplingResult(
-        latent=denormalize(latents, vae_family).cpu(),
-        trace=trace,
-        stats={"steps": plan.steps, "seconds": elapsed},
-    )
+    stats = {"steps": plan.steps, "seconds": elapsed}
+    if cache_stats.enabled:
+        stats["cache"] = cache_stats.as_dict()
+        stats["cache_summary"] = cache_stats.summary_text()
+    return SamplingResult(latent=denormalize(latents, vae_family).cpu(), trace=trace, stats=stats)
 
 
 class _Guidance:
