@@ -30,6 +30,8 @@ class Input:
     control_after_generate: bool = False
     """Seed-like INT: ComfyUI's UI stores one extra widget value right after this one."""
     force_input: bool = False
+    extra: tuple[tuple[str, Any], ...] = ()
+    """Further ComfyUI spec options passed through as they are (e.g. ("image_upload", True))."""
 
     @property
     def is_widget(self) -> bool:
@@ -55,6 +57,7 @@ class Input:
             opts["control_after_generate"] = True
         if self.force_input:
             opts["forceInput"] = True
+        opts.update(self.extra)
         if self.type == "COMBO":
             return (self.choices(), opts)
         return (self.type, opts)
@@ -94,7 +97,9 @@ class NodeSchema:
         return next((i for i in self.inputs if i.name == name), None)
 
     def widget_inputs(self) -> list[Input]:
-        return [i for i in self.inputs if i.is_widget]
+        """Widgets in the order ComfyUI's frontend stores their values: required, then optional."""
+        widgets = [i for i in self.inputs if i.is_widget]
+        return [i for i in widgets if not i.optional] + [i for i in widgets if i.optional]
 
     def input_types(self) -> dict[str, dict[str, Any]]:
         required = {i.name: i.comfy_spec() for i in self.inputs if not i.optional}
