@@ -11,6 +11,7 @@ from pathlib import Path
 from .paths import workflows_dir
 from .schema import NodeRegistry
 from .tiny import TinyModelPaths, make_tiny_models
+from .workflow.events import ExecutionListener
 from .workflow.run import RunSummary, run_workflow
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def tiny_overrides(tiny: TinyModelPaths, **video: int) -> list[str]:
     ]
 
 
-def run_demo(registry: NodeRegistry, models_dir: Path) -> RunSummary:
+def run_demo(registry: NodeRegistry, models_dir: Path, listener: ExecutionListener | None = None) -> RunSummary:
     log.info("making tiny smoke-test models in %s (skipped when present)", models_dir)
     tiny = make_tiny_models(models_dir)
-    return run_workflow(workflows_dir() / "t2v_wan21.json", registry, overrides=tiny_overrides(tiny))
+    return run_workflow(workflows_dir() / "t2v_wan21.json", registry, overrides=tiny_overrides(tiny), listener=listener)

@@ -15,6 +15,7 @@ import torch
 
 from ..cache import job_cache
 from ..errors import InputValueError
+from ..lora import sync_loras
 from ..progress import ProgressReporter, current_reporter
 from .latent_format import denormalize, latent_format, normalize
 from .request import SamplingRequest, SamplingResult, StepTrace
@@ -78,6 +79,9 @@ def sample(
     if preview_every < 1:
         raise ValueError(f"preview_every must be at least 1, got {preview_every}")
     reporter = reporter or current_reporter()
+    # Transformers are shared between WanModel copies: make them carry this model's LoRA stack
+    # (a no-op when it already does) before anything runs or caches them.
+    model = sync_loras(model)
     vae_family = model.variant.vae_family
     plan = plan_steps(request.steps, request.denoise)
     _check_request(model, request)
