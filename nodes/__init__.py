@@ -4,6 +4,7 @@ from .cache import CACHE_NODES
 from .conditioning import CONDITIONING_NODES
 from .loaders import LOADER_NODES
 from .lora import LORA_NODES
+from .parallel import PARALLEL_NODES
 from .sampler import SAMPLER_NODES
 from .save import SAVE_NODES
 from .standins import STANDIN_NODES
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     **SAVE_NODES,
     **CACHE_NODES,
     **LORA_NODES,
+    **PARALLEL_NODES,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     name: cls.SCHEMA.display_name for name, cls in NODE_CLASS_MAPPINGS.items()

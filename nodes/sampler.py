@@ -1,6 +1,7 @@
 """The sampler node: one node for one GPU or many (the model's parallel config decides)."""
 from __future__ import annotations
 
+from ..runtime.parallel import sample_parallel
 from ..runtime.sampling.loop import sample
 from ..runtime.sampling.request import SCHEDULERS, SamplingRequest
 from ..runtime.schema import Input, NodeSchema, Output, SchemaNode
@@ -42,8 +43,9 @@ class WanflowSampler(SchemaNode):
             denoise=denoise,
             init_latent=samples if denoise < 1.0 else None,
         )
+        run = sample_parallel if model.parallel is not None else sample
         with node_progress() as reporter:
-            result = sample(model, request, reporter)
+            result = run(model, request, reporter)
         out = dict(latent)
         out["samples"] = result.latent
         if "cache_summary" in result.stats:
