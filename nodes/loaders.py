@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..runtime import model_cache
 from ..runtime.devices import DEVICE_CHOICES, DTYPE_CHOICES, resolve_device, resolve_dtype
+from ..runtime.model_defaults import apply_model_defaults
 from ..runtime.models import load_diffusers_folder, load_diffusion_model
 from ..runtime.paths import list_models, resolve_model
 from ..runtime.schema import Input, NodeSchema, Output, SchemaNode
@@ -41,7 +42,7 @@ class WanflowModelLoader(SchemaNode):
     )
 
     def execute(self, model_name: str, weight_dtype: str = "auto", device: str = "auto"):
-        return (_load("diffusion_models", model_name, weight_dtype, device, load_diffusion_model),)
+        return (apply_model_defaults(_load("diffusion_models", model_name, weight_dtype, device, load_diffusion_model)),)
 
 
 class WanflowTextEncoderLoader(SchemaNode):
@@ -100,7 +101,7 @@ class WanflowDiffusersLoader(SchemaNode):
 
     def execute(self, folder: str, weight_dtype: str = "auto", device: str = "auto"):
         parts = _load("diffusers", folder, weight_dtype, device, load_diffusers_folder)
-        return (parts.model, parts.text_encoder, parts.vae)
+        return (apply_model_defaults(parts.model), parts.text_encoder, parts.vae)
 
 
 LOADER_NODES = {

@@ -30,6 +30,31 @@ def _apply_dirs(args: argparse.Namespace) -> None:
     io_dirs.set_io_dirs(input=args.input, output=args.output)
 
 
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    from ..runtime.cache import add_cache_cli_args
+
+    add_cache_cli_args(p)
+    g = p.add_argument_group("multi-GPU (USP)")
+    g.add_argument("--gpus", type=int, default=1, help="GPUs for one video (default 1)")
+    g.add_argument("--ulysses", type=int, help="Ulysses degree (default: all GPUs not used by --ring / --cfg-parallel)")
+    g.add_argument("--ring", type=int, default=1, help="ring-attention degree")
+    g.add_argument("--cfg-parallel", action="store_true", help="run cond / uncond on two GPU groups")
+
+
+def _apply_model_flags(args: argparse.Namespace) -> None:
+    """CLI flags (over WANFLOW_/SGLANG_ env vars) become defaults for every loaded model."""
+    from ..runtime.cache import cache_config_from_args
+    from ..runtime.model_defaults import set_model_defaults
+    from ..runtime.parallel import ParallelConfig
+
+    parallel = None
+    if args.gpus > 1:
+        ulysses = args.ulysses or args.gpus // (args.ring * (2 if args.cfg_parallel else 1))
+        parallel = ParallelConfig(gpus=args.gpus, ulysses_degree=ulysses, ring_degree=args.ring,
+                                  cfg_parallel=args.cfg_parallel).validate()
+    set_model_defaults(cache=cache_config_from_args(args), parallel=parallel)
+
+
 def _titles(prompt: dict[str, Any]) -> dict[str, str]:
     return {nid: n.get("_meta", {}).get("title") or n.get("class_type", nid) for nid, n in prompt.items()}
 
@@ -40,6 +65,8 @@ def _report(summary: Any, as_json: bool, perf_dump: str | None) -> int:
     if as_json:
         _out(json.dumps(summary.as_dict(), indent=2))
     else:
+        for text in summary.texts():
+            log.info("%s", text)
         for f in summary.files:
             _out(str(f))
         if summary.error:
@@ -53,6 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .progress_bar import TqdmListener
 
     _apply_dirs(args)
+    _apply_model_flags(args)
     registry = node_registry()
     prompt, _ = load_prompt(args.file, registry)
     listener = None if args.json else TqdmListener(_titles(prompt))
@@ -98,6 +126,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if summary.status == "success" else 1
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from ..runtime.parallel import worker_main
+
+    return worker_main()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanflow", description="Run Wan2.1 / Wan2.2 video models: workflows, server, benchmarks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -110,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of file names")
     p.add_argument("--perf-dump", metavar="FILE", help="write per-node timings as JSON")
     _add_dirs(p)
+    _add_model_flags(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="validate a workflow without running it")
@@ -126,12 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny-models", help="write tiny random Wan models in the real file formats")
     p.add_argument("dir")
     p.set_defaults(func=cmd_make_tiny_models)
+
+    p = sub.add_parser("worker", help="a USP rank started by torchrun (multi-node); rank 0 runs `wanflow run`/`generate`")
+    p.set_defaults(func=cmd_worker)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command in ("run", "generate"):
+        from ..runtime.parallel import is_torchrun_worker, worker_main
+
+        if is_torchrun_worker():
+            # Under torchrun every process runs this command; ranks > 0 serve rank 0's jobs.
+            return worker_main()
     try:
         return args.func(args)
     except WorkflowValidationError as e:

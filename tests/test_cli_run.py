@@ -89,3 +89,14 @@ def test_rerun_with_only_the_seed_changed_reuses_models_and_text_embeds(dirs):
     assert model_cache.load_counts == loads
     assert set(second.executed) == {"6", "7", "8"}  # sampler, decode, save
     assert {"1", "2", "3", "4", "5"} <= set(second.cached)
+
+
+def test_run_with_cache_dit_flag_reports_cache_stats_in_the_summary(dirs, capsys):
+    tiny, out = dirs
+    args = cli(tiny, out, "--json", "--set", "Sampler.steps=12", "--cache-dit", "--cache-warmup", "2")
+    assert main(["run", str(T2V), *args]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    (text,) = summary["outputs"]["6"]["text"]
+    assert "Cache-DiT" in text
+    assert main(["run", str(T2V), *cli(tiny, out, "--json")]) == 0  # defaults reset: no cache
+    assert "6" not in json.loads(capsys.readouterr().out)["outputs"]

@@ -12,6 +12,7 @@ is what `enable_separate_cfg` tells cache-dit to expect.
 from __future__ import annotations
 
 import contextlib
+import sys
 import logging
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -24,6 +25,18 @@ if TYPE_CHECKING:
     from ..models.wan_model import WanModel
 
 logger = logging.getLogger(__name__)
+
+def _cache_dit():
+    """cache-dit, imported on first use (heavy), with its console log moved to stderr: it logs
+    to stdout, which would corrupt `wanflow run --json` and anything else that pipes stdout."""
+    import cache_dit  # noqa: PLC0415
+
+    for handler in logging.getLogger("CACHE_DIT").handlers:
+        if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stdout:
+            handler.setStream(sys.stderr)
+            handler.flush = sys.stderr.flush
+    return cache_dit
+
 
 _STATE_ATTR = "_wanflow_cache_state"
 """Set on a transformer while cache-dit hooks are installed: what they were installed for."""
@@ -105,7 +118,7 @@ def _scm_mask(config: CacheConfig, steps: int, expert: int, num_experts: int, no
         logger.info("Cache-DiT: %s", note)
         notes.append(note)
         return None
-    import cache_dit  # noqa: PLC0415 - heavy import, only when caching is on
+    cache_dit = _cache_dit()
 
     if config.scm_compute_bins is None:
         return cache_dit.steps_mask(total_steps=steps, mask_policy=config.scm_preset)
@@ -117,7 +130,7 @@ def _scm_mask(config: CacheConfig, steps: int, expert: int, num_experts: int, no
 
 def _prepare(transformer: torch.nn.Module, config: CacheConfig, steps: int, mask: list[int] | None, separate_cfg: bool) -> None:
     """Hooks installed for `config`, context fresh for this job."""
-    import cache_dit  # noqa: PLC0415
+    cache_dit = _cache_dit()
 
     cache_config = cache_dit.DBCacheConfig(
         Fn_compute_blocks=config.fn,

@@ -41,7 +41,12 @@ class RunSummary:
             "executed": self.executed,
             "cached": self.cached,
             "error": self.error,
+            "outputs": self.outputs,
         }
+
+    def texts(self) -> list[str]:
+        """UI text lines nodes reported (e.g. the sampler's Cache-DiT statistics)."""
+        return [t for ui in self.outputs.values() for t in ui.get("text", []) if isinstance(t, str)]
 
 
 def _parse_value(text: str) -> Any:
