@@ -126,6 +126,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if summary.status == "success" else 1
 
 
+GENERATE_FLAGS = ("model", "prompt", "negative_prompt", "width", "height", "size", "num_frames", "seconds", "fps",
+                  "steps", "guidance", "shift", "seed", "image")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ..nodes import node_registry
+    from ..runtime.workflow.run import summarize
+    from ..runtime.workflow.templates import GenerationRequest, generate, load_generation_config
+    from .progress_bar import TqdmListener
+
+    _apply_dirs(args)
+    _apply_model_flags(args)
+    base = load_generation_config(args.config) if args.config else {}
+    flags = {name: getattr(args, name) for name in GENERATE_FLAGS}
+    request = GenerationRequest.from_dict({**base, **{k: v for k, v in flags.items() if v is not None}},
+                                          source=args.config or "flags")
+    listener = None if args.json else TqdmListener({})
+    summary = summarize(generate(request, registry=node_registry(), listener=listener))
+    return _report(summary, args.json, args.perf_dump)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..nodes import node_registry
+    from ..runtime.server.app import ServeOptions, serve
+
+    _apply_model_flags(args)
+    options = ServeOptions(
+        models_dir=Path(args.models) if args.models else None,
+        output_dir=Path(args.output) if args.output else None,
+        input_dir=Path(args.input) if args.input else None,
+        user_dir=Path(args.user_dir),
+        db_path=Path(args.db) if args.db else None,
+        listen=args.listen,
+        port=args.port,
+        api_key=args.api_key,
+        preload=args.preload,
+        max_upload_mb=args.max_upload_mb,
+    )
+    serve(options, node_registry())
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from ..runtime.parallel import worker_main
 
@@ -153,6 +195,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_dirs(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("generate", help="generate a video from a prompt through a shipped workflow template")
+    p.add_argument("--config", help="request file (YAML or JSON); flags override its fields")
+    p.add_argument("--model", help="model name, e.g. wan2.1-t2v-1.3b or tiny-wan2.1-t2v")
+    p.add_argument("--prompt")
+    p.add_argument("--negative-prompt", dest="negative_prompt")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--size", help="WxH, e.g. 832x480")
+    p.add_argument("--num-frames", dest="num_frames", type=int, help="4n+1 frames")
+    p.add_argument("--seconds", type=float)
+    p.add_argument("--fps", type=int)
+    p.add_argument("--steps", "--num-inference-steps", dest="steps", type=int)
+    p.add_argument("--guidance", "--guidance-scale", dest="guidance", type=float)
+    p.add_argument("--shift", "--flow-shift", dest="shift", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--image", help="start image in the input folder (image-to-video models)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--perf-dump", metavar="FILE")
+    _add_dirs(p)
+    _add_model_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="ComfyUI-compatible API + graph editor + OpenAI-compatible API")
+    p.add_argument("--listen", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8188)
+    p.add_argument("--api-key", help="require this key (Bearer / X-API-Key / ?token=) on every route")
+    p.add_argument("--preload", metavar="MODEL", help="load this model before the first request")
+    p.add_argument("--user-dir", default="user", help="editor settings and saved workflows")
+    p.add_argument("--db", help="job store (default USER_DIR/wanflow_jobs.sqlite)")
+    p.add_argument("--max-upload-mb", type=float, default=100.0)
+    _add_dirs(p)
+    _add_model_flags(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="render a short video with tiny smoke-test models (made if absent)")
     _add_dirs(p)

@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
+import torch
 
 from wanflow.nodes import node_registry
 from wanflow.runtime import io_dirs, model_cache, paths
 from wanflow.runtime.demo import tiny_overrides
 from wanflow.runtime.errors import InputValueError
-from wanflow.runtime.media import read_video_info
+from wanflow.runtime.media import read_video_frames, read_video_info
 from wanflow.runtime.workflow.executor import Executor
 from wanflow.runtime.workflow.run import run_workflow
 from wanflow.scripts.cli import main
@@ -100,3 +106,47 @@ def test_run_with_cache_dit_flag_reports_cache_stats_in_the_summary(dirs, capsys
     assert "Cache-DiT" in text
     assert main(["run", str(T2V), *cli(tiny, out, "--json")]) == 0  # defaults reset: no cache
     assert "6" not in json.loads(capsys.readouterr().out)["outputs"]
+
+
+def test_generate_from_flags_and_from_a_yaml_config_give_the_same_video(dirs, capsys, tmp_path):
+    tiny, out = dirs
+    fields = {"model": "tiny-wan2.1-t2v", "prompt": "a fox", "size": "64x64", "num_frames": 9, "steps": 4, "seed": 5}
+    config = tmp_path / "req.yaml"
+    config.write_text("".join(f"{k}: {v!r}\n" if isinstance(v, str) else f"{k}: {v}\n" for k, v in fields.items()))
+    common = ["--models", str(tiny.root), "--output", str(out), "--json"]
+    flags = ["--model", "tiny-wan2.1-t2v", "--prompt", "a fox", "--size", "64x64", "--num-frames", "9", "--steps", "4", "--seed", "5"]
+    assert main(["generate", *flags, *common]) == 0
+    (from_flags,) = json.loads(capsys.readouterr().out)["files"]
+    assert main(["generate", "--config", str(config), *common]) == 0
+    (from_config,) = json.loads(capsys.readouterr().out)["files"]
+    assert from_flags != from_config
+    assert torch.equal(read_video_frames(from_flags), read_video_frames(from_config))
+
+
+def test_serve_starts_answers_and_stops(tmp_path, tiny_models):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wanflow.scripts.cli", "serve", "--port", str(port), "--models", str(tiny_models.root),
+         "--output", str(tmp_path / "out"), "--user-dir", str(tmp_path / "user")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=2) as r:
+                    assert json.loads(r.read())["system"]["python_version"]
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.monotonic() < deadline, "server did not start in 120 s"
+                time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -137,11 +137,16 @@ def run_workflow(
     prompt_id = str(uuid.uuid4())
     extra = {"extra_pnginfo": {"workflow": ui}} if ui else {}
     result = executor.execute(prompt, prompt_id=prompt_id, listener=listener, extra_data=extra)
+    return summarize(result)
+
+
+def summarize(result: ExecutionResult) -> RunSummary:
+    """What a headless caller reports of an executed prompt: status, files, timings, UI texts."""
     error = None
     if result.error is not None:
         error = getattr(result.error, "exception_message", None) or "interrupted"
     return RunSummary(
-        prompt_id=prompt_id,
+        prompt_id=result.prompt_id,
         status=result.status,
         files=output_files(result),
         timings=result.timings,
@@ -152,4 +157,4 @@ def run_workflow(
     )
 
 
-__all__ = ["RunSummary", "apply_overrides", "apply_seed", "load_prompt", "run_workflow"]
+__all__ = ["RunSummary", "summarize", "apply_overrides", "apply_seed", "load_prompt", "run_workflow"]

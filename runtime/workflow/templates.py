@@ -18,13 +18,13 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from ..paths import workflows_dir as shipped_workflows_dir
 from ..errors import InputValueError, WanflowError
 from ..paths import list_models
 from ..schema import NodeRegistry
 from .events import ExecutionListener
 from .executor import ExecutionResult, Executor
 
-WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
 MAX_SEED = 2**32 - 1
 
 # --- requests ------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def model_available(name: str) -> bool:
 
 
 def load_template(name: str, workflows_dir: Path | None = None) -> dict[str, Any]:
-    path = (workflows_dir or WORKFLOWS_DIR) / f"{name}_api.json"
+    path = (workflows_dir or shipped_workflows_dir()) / f"{name}_api.json"
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
