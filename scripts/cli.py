@@ -238,12 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(func=cmd_make_tiny_models)
 
+    sub.add_parser("bench", help="GPU benchmark vs diffusers (see `wanflow bench --help`)", add_help=False)
+
     p = sub.add_parser("worker", help="a USP rank started by torchrun (multi-node); rank 0 runs `wanflow run`/`generate`")
     p.set_defaults(func=cmd_worker)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        # The benchmark has its own flag set (sections, sizes, variants); pass them through.
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command in ("run", "generate"):

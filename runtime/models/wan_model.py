@@ -31,6 +31,11 @@ class WanModel:
     parallel: Any = None
     """runtime.parallel config; None runs on one device."""
     attention: str = "auto"
+    """runtime.attention backend for self-attention ("auto" picks per GPU)."""
+    compile: bool = False
+    """torch.compile each repeated transformer block (regional compile)."""
+    offload: str = "none"
+    """runtime.offload mode for the transformer(s): none | block | leaf."""
     extras: dict[str, Any] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> "WanModel":

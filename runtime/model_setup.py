@@ -1,0 +1,56 @@
+"""Bringing the shared transformer(s) into the state one job's WanModel asks for.
+
+Loaded transformers are shared between WanModel copies (the model cache), so what a job wants
+(LoRA stack, attention kernel, compile, offload) is recorded on each transformer and only
+changed when it differs — a second job with the same settings does no work here.
+"""
+from __future__ import annotations
+
+import logging
+
+from .attention import apply_attention_backend
+from .errors import InputValueError
+from .lora import sync_loras
+from .models.wan_model import WanModel
+from .offload import apply_offload
+
+log = logging.getLogger(__name__)
+
+_STATE_ATTR = "_wanflow_run_state"
+MODEL_OFFLOAD_MODES = ("none", "block", "leaf")
+"""DiT offload modes a sampler can run with ("model" would need moving it in for every job)."""
+
+
+def prepare_for_sampling(model: WanModel) -> WanModel:
+    """Apply the model's LoRA stack, attention backend, offload and compile to its experts."""
+    model = sync_loras(model)
+    if model.offload not in MODEL_OFFLOAD_MODES:
+        raise InputValueError(
+            f"offload '{model.offload}' is not a transformer mode (choose {', '.join(MODEL_OFFLOAD_MODES)})",
+            input_name="offload",
+        )
+    for transformer in model.experts():
+        state = getattr(transformer, _STATE_ATTR, None)
+        if state is None:
+            state = {"attention": None, "offload": "none", "compiled": False}
+            setattr(transformer, _STATE_ATTR, state)
+        if state["offload"] != model.offload:
+            if state["offload"] != "none":
+                raise InputValueError(
+                    f"this model was loaded with offload '{state['offload']}'; load it again to use '{model.offload}'",
+                    input_name="offload",
+                )
+            apply_offload(transformer, model.offload, model.device)
+            state["offload"] = model.offload
+        if state["attention"] != model.attention:
+            # Offloaded weights sit on the CPU; the kernel choice is for where they compute.
+            apply_attention_backend(transformer, model.attention, model.device)
+            state["attention"] = model.attention
+        if model.compile and not state["compiled"]:
+            if model.device.type != "cuda":
+                log.info("compile asked on %s: skipped (regional compile pays off on CUDA only)", model.device)
+            else:
+                transformer.compile_repeated_blocks(fullgraph=True)
+                state["compiled"] = True
+    return model
+
