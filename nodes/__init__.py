@@ -2,6 +2,7 @@
 from ..runtime.schema import NodeRegistry
 from .cache import CACHE_NODES
 from .conditioning import CONDITIONING_NODES
+from .image_to_video import IMAGE_TO_VIDEO_NODES
 from .loaders import LOADER_NODES
 from .lora import LORA_NODES
 from .parallel import PARALLEL_NODES
@@ -19,6 +20,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     **CACHE_NODES,
     **LORA_NODES,
     **PARALLEL_NODES,
+    **IMAGE_TO_VIDEO_NODES,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     name: cls.SCHEMA.display_name for name, cls in NODE_CLASS_MAPPINGS.items()

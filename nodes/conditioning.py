@@ -38,19 +38,24 @@ class WanflowEmptyLatentVideo(SchemaNode):
         node_id="WanflowEmptyLatentVideo",
         display_name="Wan Empty Latent Video",
         category="wanflow/latent",
-        description="An empty Wan2.1-VAE latent for width x height x length frames (length = 4n+1).",
+        description="An empty video latent for width x height x length frames (length = 4n+1): Wan2.1 VAE "
+                    "layout, or the layout of the connected VAE (Wan2.2 TI2V-5B: connect the Wan2.2 VAE).",
         inputs=(
             Input("width", "INT", default=832, min=16, max=8192, step=16),
             Input("height", "INT", default=480, min=16, max=8192, step=16),
             Input("length", "INT", default=81, min=1, max=1025, step=4, tooltip="frames; must be 4n+1"),
             Input("batch_size", "INT", default=1, min=1, max=64),
+            Input("vae", "WANFLOW_VAE", optional=True,
+                  tooltip="the VAE whose latent layout to use (48 channels, x16 for the Wan2.2 VAE); "
+                          "without it, the Wan2.1 VAE's (16 channels, x8)"),
         ),
         outputs=(Output("LATENT", "latent"),),
     )
 
-    def execute(self, width: int, height: int, length: int, batch_size: int = 1):
-        validate_video_size(width, height, length, "wan2.1")
-        return ({"samples": torch.zeros(latent_shape(width, height, length, batch_size, "wan2.1"))},)
+    def execute(self, width: int, height: int, length: int, batch_size: int = 1, vae=None):
+        family = "wan2.1" if vae is None else vae.family
+        validate_video_size(width, height, length, family)
+        return ({"samples": torch.zeros(latent_shape(width, height, length, batch_size, family))},)
 
 
 CONDITIONING_NODES = {cls.SCHEMA.node_id: cls for cls in (WanflowTextEncode, WanflowEmptyLatentVideo)}

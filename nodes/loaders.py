@@ -1,10 +1,12 @@
-"""Loader nodes: diffusion model, text encoder, VAE (ComfyUI single files) and diffusers folders."""
+"""Loader nodes: diffusion model (one file, or Wan2.2 A14B's two experts), text encoder, VAE
+(ComfyUI single files) and diffusers folders."""
 from __future__ import annotations
 
 from ..runtime import model_cache
 from ..runtime.devices import DEVICE_CHOICES, DTYPE_CHOICES, resolve_device, resolve_dtype
 from ..runtime.model_defaults import apply_model_defaults
-from ..runtime.models import load_diffusers_folder, load_diffusion_model
+from ..runtime.errors import ModelFileError
+from ..runtime.models import combine_experts, load_diffusers_folder, load_diffusion_model
 from ..runtime.paths import list_models, resolve_model
 from ..runtime.schema import Input, NodeSchema, Output, SchemaNode
 from ..runtime.text import load_text_encoder
@@ -13,15 +15,15 @@ from ..runtime.vae import load_vae
 CATEGORY = "wanflow/loaders"
 
 
-def _dtype_input(tooltip: str = "auto keeps the file's precision (fp8 files load as bf16)") -> Input:
+def dtype_input(tooltip: str = "auto keeps the file's precision (fp8 files load as bf16)") -> Input:
     return Input("weight_dtype", "COMBO", default="auto", options=DTYPE_CHOICES, tooltip=tooltip)
 
 
-def _device_input() -> Input:
+def device_input() -> Input:
     return Input("device", "COMBO", default="auto", options=DEVICE_CHOICES, tooltip="auto: CUDA if available")
 
 
-def _load(folder: str, name: str, weight_dtype: str, device: str, loader):
+def load_cached(folder: str, name: str, weight_dtype: str, device: str, loader):
     path = resolve_model(folder, name)
     dtype, dev = resolve_dtype(weight_dtype), resolve_device(device)
     return model_cache.cached(folder, str(path), (str(dtype), str(dev)), lambda: loader(path, dtype=dtype, device=dev))
@@ -35,14 +37,46 @@ class WanflowModelLoader(SchemaNode):
         description="Loads a Wan2.1 / Wan2.2 diffusion model file (fp16, bf16, fp8, fp8_scaled); the variant is detected from the file's contents.",
         inputs=(
             Input("model_name", "COMBO", options=lambda: list_models("diffusion_models"), tooltip="file in models/diffusion_models"),
-            _dtype_input(),
-            _device_input(),
+            dtype_input(),
+            device_input(),
         ),
         outputs=(Output("WANFLOW_MODEL", "model"),),
     )
 
     def execute(self, model_name: str, weight_dtype: str = "auto", device: str = "auto"):
-        return (apply_model_defaults(_load("diffusion_models", model_name, weight_dtype, device, load_diffusion_model)),)
+        return (apply_model_defaults(load_cached("diffusion_models", model_name, weight_dtype, device, load_diffusion_model)),)
+
+
+class WanflowMoEModelLoader(SchemaNode):
+    """A node of its own rather than a second input on the single-file loader: that loader's
+    widgets (and every saved workflow's widget values) stay as they are, and the two required
+    combos say plainly that Wan2.2 A14B is two files."""
+
+    SCHEMA = NodeSchema(
+        node_id="WanflowMoEModelLoader",
+        display_name="Wan2.2 A14B Model Loader (high + low noise)",
+        category=CATEGORY,
+        description="Loads the two experts of Wan2.2 T2V / I2V A14B as one model; the sampler runs the high-noise "
+                    "expert first and switches to the low-noise one at the boundary timestep.",
+        inputs=(
+            Input("high_noise_model", "COMBO", options=lambda: list_models("diffusion_models"),
+                  tooltip="e.g. wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"),
+            Input("low_noise_model", "COMBO", options=lambda: list_models("diffusion_models"),
+                  tooltip="e.g. wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"),
+            dtype_input(),
+            device_input(),
+        ),
+        outputs=(Output("WANFLOW_MODEL", "model"),),
+    )
+
+    def execute(self, high_noise_model: str, low_noise_model: str, weight_dtype: str = "auto", device: str = "auto"):
+        if high_noise_model == low_noise_model:
+            raise ModelFileError(
+                f"high_noise_model and low_noise_model are both {high_noise_model}: select the two experts",
+                input_name="low_noise_model", file=low_noise_model)
+        high, low = (load_cached("diffusion_models", name, weight_dtype, device, load_diffusion_model)
+                     for name in (high_noise_model, low_noise_model))
+        return (apply_model_defaults(combine_experts(high, low)),)
 
 
 class WanflowTextEncoderLoader(SchemaNode):
@@ -53,14 +87,14 @@ class WanflowTextEncoderLoader(SchemaNode):
         description="Loads a UMT5-XXL text encoder file; its tokenizer comes from the file itself.",
         inputs=(
             Input("text_encoder_name", "COMBO", options=lambda: list_models("text_encoders"), tooltip="file in models/text_encoders"),
-            _dtype_input(),
-            _device_input(),
+            dtype_input(),
+            device_input(),
         ),
         outputs=(Output("WANFLOW_TEXT_ENCODER", "text_encoder"),),
     )
 
     def execute(self, text_encoder_name: str, weight_dtype: str = "auto", device: str = "auto"):
-        return (_load("text_encoders", text_encoder_name, weight_dtype, device, load_text_encoder),)
+        return (load_cached("text_encoders", text_encoder_name, weight_dtype, device, load_text_encoder),)
 
 
 class WanflowVAELoader(SchemaNode):
@@ -71,14 +105,14 @@ class WanflowVAELoader(SchemaNode):
         description="Loads a Wan VAE file (wan_2.1_vae / wan2.2_vae).",
         inputs=(
             Input("vae_name", "COMBO", options=lambda: list_models("vae"), tooltip="file in models/vae"),
-            _dtype_input(),
-            _device_input(),
+            dtype_input(),
+            device_input(),
         ),
         outputs=(Output("WANFLOW_VAE", "vae"),),
     )
 
     def execute(self, vae_name: str, weight_dtype: str = "auto", device: str = "auto"):
-        return (_load("vae", vae_name, weight_dtype, device, load_vae),)
+        return (load_cached("vae", vae_name, weight_dtype, device, load_vae),)
 
 
 class WanflowDiffusersLoader(SchemaNode):
@@ -89,8 +123,8 @@ class WanflowDiffusersLoader(SchemaNode):
         description="Loads model, text encoder and VAE from a diffusers-format Wan folder.",
         inputs=(
             Input("folder", "COMBO", options=lambda: list_models("diffusers"), tooltip="folder in models/diffusers"),
-            _dtype_input(),
-            _device_input(),
+            dtype_input(),
+            device_input(),
         ),
         outputs=(
             Output("WANFLOW_MODEL", "model"),
@@ -100,11 +134,12 @@ class WanflowDiffusersLoader(SchemaNode):
     )
 
     def execute(self, folder: str, weight_dtype: str = "auto", device: str = "auto"):
-        parts = _load("diffusers", folder, weight_dtype, device, load_diffusers_folder)
+        parts = load_cached("diffusers", folder, weight_dtype, device, load_diffusers_folder)
         return (apply_model_defaults(parts.model), parts.text_encoder, parts.vae)
 
 
 LOADER_NODES = {
     cls.SCHEMA.node_id: cls
-    for cls in (WanflowModelLoader, WanflowTextEncoderLoader, WanflowVAELoader, WanflowDiffusersLoader)
+    for cls in (WanflowModelLoader, WanflowMoEModelLoader, WanflowTextEncoderLoader, WanflowVAELoader,
+                WanflowDiffusersLoader)
 }

@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 from ..runtime.parallel import sample_parallel
+from ..runtime.sampling.conditioning import image_of
 from ..runtime.sampling.loop import sample
 from ..runtime.sampling.request import SCHEDULERS, SamplingRequest
 from ..runtime.schema import Input, NodeSchema, Output, SchemaNode
 from ._comfy import node_progress
+
+
+AUTO_CFG_2 = -1.0
+AUTO_BOUNDARY = 0.0
+"""Widget values meaning "the model variant's default" (a widget cannot hold None)."""
 
 
 class WanflowSampler(SchemaNode):
@@ -24,12 +30,19 @@ class WanflowSampler(SchemaNode):
             Input("shift", "FLOAT", default=5.0, min=0.0, max=100.0, step=0.1, tooltip="flow shift (Wan: 5.0; 8-12 suggested for 1.3B at 480p)"),
             Input("scheduler", "COMBO", default="unipc", options=SCHEDULERS),
             Input("denoise", "FLOAT", default=1.0, min=0.0, max=1.0, step=0.01),
+            Input("cfg_2", "FLOAT", default=AUTO_CFG_2, min=AUTO_CFG_2, max=30.0, step=0.1, optional=True,
+                  tooltip="Wan2.2 A14B: guidance of the low-noise expert (cfg is the high-noise one's); "
+                          "-1: the model's default (T2V 3.0, I2V 3.5)"),
+            Input("boundary", "FLOAT", default=AUTO_BOUNDARY, min=0.0, max=1.0, step=0.005, optional=True,
+                  tooltip="Wan2.2 A14B: the high-noise expert runs while t >= boundary x 1000; "
+                          "0: the model's (T2V 0.875, I2V 0.900)"),
         ),
         outputs=(Output("LATENT", "latent"),),
     )
 
     def execute(self, model, conditioning, latent, seed: int, steps: int, cfg: float, shift: float,
-                scheduler: str = "unipc", denoise: float = 1.0):
+                scheduler: str = "unipc", denoise: float = 1.0, cfg_2: float = AUTO_CFG_2,
+                boundary: float = AUTO_BOUNDARY):
         samples = latent["samples"]
         request = SamplingRequest(
             positive=conditioning.positive,
@@ -42,6 +55,9 @@ class WanflowSampler(SchemaNode):
             scheduler=scheduler,
             denoise=denoise,
             init_latent=samples if denoise < 1.0 else None,
+            guidance_scale_2=model.variant.default_guidance_2 if cfg_2 < 0 else cfg_2,
+            boundary_ratio=None if boundary <= 0 else boundary,  # None: the model's own
+            conditioning=image_of(conditioning),
         )
         run = sample_parallel if model.parallel is not None else sample
         with node_progress() as reporter:

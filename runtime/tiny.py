@@ -49,9 +49,44 @@ TINY_TEXT_ENCODER_CONFIG: dict = {
 # dim_mult, resnets per stage and attention layout stay Wan2.1's: the original-layout key
 # names (and diffusers' converter) depend on them. Only the widths shrink.
 TINY_VAE_CONFIG: dict = {"base_dim": 8, "z_dim": 16}
+TINY_VAE22_CONFIG: dict = {"base_dim": 8, "decoder_base_dim": 16}
+"""Over the shipped Wan2.2 VAE config (z_dim 48, x16 spatial): only the widths shrink."""
+
+# A ViT in clip_vision_h's layout (penultimate states feed Wan2.1 I2V): 32 px / 8 px patches
+# = 17 tokens of width 128 (two 64-wide heads, which is what wanflow derives for this width).
+TINY_CLIP_VISION_CONFIG: dict = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+    "projection_dim": 32,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+}
+_CLIP_TOKENS = (TINY_CLIP_VISION_CONFIG["image_size"] // TINY_CLIP_VISION_CONFIG["patch_size"]) ** 2 + 1
+_DIM = TINY_TRANSFORMER_CONFIG["num_attention_heads"] * TINY_TRANSFORMER_CONFIG["attention_head_dim"]
+
+# The other variants, as the changes to the T2V config that make them what they are (FACTS §2);
+# two layers each keep the build and the tests that sample them quick.
+_I2V = {"in_channels": 36, "image_dim": TINY_CLIP_VISION_CONFIG["hidden_size"], "added_kv_proj_dim": _DIM}
+TINY_VARIANT_CONFIGS: dict[str, dict] = {
+    name: {**TINY_TRANSFORMER_CONFIG, "num_layers": 2, **changes}
+    for name, changes in {
+        "i2v": _I2V,
+        "flf2v": {**_I2V, "pos_embed_seq_len": 2 * _CLIP_TOKENS},
+        "t2v_high_noise": {},
+        "t2v_low_noise": {},
+        "i2v_high_noise": {"in_channels": 36},  # Wan2.2 I2V: no CLIP image cross-attention
+        "i2v_low_noise": {"in_channels": 36},
+        "ti2v": {"in_channels": 48, "out_channels": 48},
+    }.items()
+}
+"""TinyModelPaths attribute -> transformer config."""
 
 SMOKE_TEST_METADATA = {"wanflow": "tiny random smoke-test model, not for real use"}
-TINY_VERSION = 1
+TINY_VERSION = 2
 _STAMP = "wanflow-tiny.json"
 _PREFIX = "model.diffusion_model."
 
@@ -100,6 +135,27 @@ class TinyModelPaths:
     vae: Path
     diffusers: Path
     """A diffusers WanPipeline folder holding the same weights (bf16)."""
+    i2v: Path
+    """Wan2.1 I2V (36 input channels, CLIP image cross-attention)."""
+    flf2v: Path
+    """Wan2.1 FLF2V (I2V + the image position embedding of start and end image)."""
+    t2v_high_noise: Path
+    t2v_low_noise: Path
+    """The two experts of Wan2.2 T2V A14B (each on its own reads as a Wan2.1 T2V)."""
+    i2v_high_noise: Path
+    i2v_low_noise: Path
+    """The two experts of Wan2.2 I2V A14B."""
+    ti2v: Path
+    """Wan2.2 TI2V-5B (48 channels in and out)."""
+    vae_wan22: Path
+    """A Wan2.2 VAE (z_dim 48, x16 spatial) in its nested original layout."""
+    clip_vision: Path
+    """A CLIP vision tower in clip_vision_h's layout (fp16)."""
+    diffusers_i2v: Path
+    """A diffusers WanImageToVideoPipeline folder: the I2V transformer, image_encoder/ (the
+    same CLIP weights) and image_processor/."""
+    diffusers_a14b: Path
+    """A diffusers Wan2.2 T2V A14B folder: transformer/ and transformer_2/ (the T2V experts)."""
 
 
 def tiny_model_paths(root: Path) -> TinyModelPaths:
@@ -115,6 +171,17 @@ def tiny_model_paths(root: Path) -> TinyModelPaths:
         text_encoder_fp8_scaled=te / "tiny_umt5_fp8_scaled.safetensors",
         vae=root / "vae" / "tiny_wan21_vae.safetensors",
         diffusers=root / "diffusers" / "tiny-wan21-t2v",
+        i2v=dm / "tiny_wan21_i2v_bf16.safetensors",
+        flf2v=dm / "tiny_wan21_flf2v_bf16.safetensors",
+        t2v_high_noise=dm / "tiny_wan22_t2v_high_noise_bf16.safetensors",
+        t2v_low_noise=dm / "tiny_wan22_t2v_low_noise_bf16.safetensors",
+        i2v_high_noise=dm / "tiny_wan22_i2v_high_noise_bf16.safetensors",
+        i2v_low_noise=dm / "tiny_wan22_i2v_low_noise_bf16.safetensors",
+        ti2v=dm / "tiny_wan22_ti2v_5b_bf16.safetensors",
+        vae_wan22=root / "vae" / "tiny_wan22_vae.safetensors",
+        clip_vision=root / "clip_vision" / "tiny_clip_vision_h.safetensors",
+        diffusers_i2v=root / "diffusers" / "tiny-wan21-i2v",
+        diffusers_a14b=root / "diffusers" / "tiny-wan22-t2v-a14b",
     )
 
 
@@ -134,7 +201,16 @@ def make_tiny_models(root: Path, *, seed: int = 0) -> TinyModelPaths:
         transformer = _write_transformers(paths)
         text_encoder, spiece = _write_text_encoders(paths)
         vae = _write_vae(paths)
-    _write_diffusers_folder(paths.diffusers, transformer, text_encoder, spiece, vae)
+        variants = {name: _write_variant(getattr(paths, name), config)
+                    for name, config in TINY_VARIANT_CONFIGS.items()}
+        _write_vae22(paths)
+        clip = _write_clip_vision(paths)
+    shared = _shared_components(text_encoder, spiece, vae)
+    _write_diffusers_folder(paths.diffusers, transformer=transformer, **shared)
+    _write_diffusers_folder(paths.diffusers_i2v, transformer=variants["i2v"], image_encoder=clip.vision_model_only,
+                            image_processor=clip.processor, **shared)
+    _write_diffusers_folder(paths.diffusers_a14b, transformer=variants["t2v_high_noise"],
+                            transformer_2=variants["t2v_low_noise"], boundary_ratio=0.875, **shared)
     stamp_file.write_text(json.dumps(stamp))
     log.info("wrote tiny smoke-test models under %s", paths.root)
     return paths
@@ -181,17 +257,31 @@ def _fp8(tensors: dict[str, torch.Tensor], block_prefix: str, *, scaled: bool) -
     return out
 
 
-def _write_transformers(paths: TinyModelPaths):
+def _tiny_transformer(config: dict):
+    """A random transformer of `config` in bf16 and its original-layout state dict."""
     from diffusers import WanTransformer3DModel
 
     from .models.single_file import transformer_keys_to_original
 
-    model = WanTransformer3DModel(**TINY_TRANSFORMER_CONFIG).eval()
+    model = WanTransformer3DModel(**config).eval()
+    pos_embed = getattr(model.condition_embedder.image_embedder, "pos_embed", None)
+    if pos_embed is not None:  # diffusers starts FLF2V's position embedding at zero
+        torch.nn.init.normal_(pos_embed, std=0.02)
     # Assigned, not cast with .to() (which diffusers warns against for its fp32-kept modules):
     # every file and the folder then hold exactly these values.
     model.load_state_dict({k: _bf16_and_fp16_exact(v) for k, v in model.state_dict().items()}, assign=True)
     sd = model.state_dict()
-    original = {o: sd[d] for o, d in transformer_keys_to_original(sd).items()}
+    return model, {o: sd[d] for o, d in transformer_keys_to_original(sd).items()}
+
+
+def _write_variant(path: Path, config: dict):
+    model, original = _tiny_transformer(config)
+    _save({_PREFIX + k: v for k, v in original.items()}, path)
+    return model
+
+
+def _write_transformers(paths: TinyModelPaths):
+    model, original = _tiny_transformer(TINY_TRANSFORMER_CONFIG)
     _save({_PREFIX + k: v for k, v in original.items()}, paths.transformer_bf16)
     _save({k: v.half() for k, v in original.items()}, paths.transformer_fp16)
     for path, scaled in ((paths.transformer_fp8_e4m3fn, False), (paths.transformer_fp8_scaled, True)):
@@ -244,10 +334,45 @@ def _write_vae(paths: TinyModelPaths):
     return model
 
 
-def _write_diffusers_folder(folder: Path, transformer, text_encoder, spiece: bytes, vae) -> None:
+def _write_vae22(paths: TinyModelPaths) -> None:
+    from diffusers import AutoencoderKLWan
+
+    from .models.single_file import vae_keys_to_original
+    from .models.variants import load_shipped_config
+
+    model = AutoencoderKLWan.from_config({**load_shipped_config("vae-wan2.2"), **TINY_VAE22_CONFIG}).eval()
+    sd = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    _save({o: sd[d] for o, d in vae_keys_to_original(sd, "wan2.2").items()}, paths.vae_wan22)
+
+
+@dataclass(frozen=True)
+class _TinyClip:
+    vision_model_only: torch.nn.Module
+    """The same weights as transformers' CLIPVisionModel (a diffusers image_encoder)."""
+    processor: object
+
+
+def _write_clip_vision(paths: TinyModelPaths) -> _TinyClip:
+    from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    config = CLIPVisionConfig(**TINY_CLIP_VISION_CONFIG)
+    # With the projection head, as clip_vision_h.safetensors stores it (Wan does not use it).
+    full = CLIPVisionModelWithProjection(config).eval()
+    sd = {k: v.half() for k, v in full.state_dict().items()}
+    _save(sd, paths.clip_vision)
+    vision = CLIPVisionModel(config).eval()
+    prefix = "vision_model."  # transformers 5's CLIPVisionModel has no such level
+    vision.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, assign=True)
+    size = config.image_size
+    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return _TinyClip(vision_model_only=vision, processor=processor)
+
+
+def _shared_components(text_encoder, spiece: bytes, vae) -> dict:
+    """The pipeline parts every tiny diffusers folder shares."""
     import sentencepiece
-    from diffusers import UniPCMultistepScheduler, WanPipeline
-    from safetensors import safe_open
+    from diffusers import UniPCMultistepScheduler
     from transformers import T5Tokenizer
 
     sp = sentencepiece.SentencePieceProcessor(model_proto=spiece)
@@ -257,8 +382,16 @@ def _write_diffusers_folder(folder: Path, transformer, text_encoder, spiece: byt
                             extra_ids=0)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=3.0, num_train_timesteps=1000)
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                       transformer=transformer)
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "scheduler": scheduler}
+
+
+def _write_diffusers_folder(folder: Path, **components) -> None:
+    """A WanPipeline folder, or a WanImageToVideoPipeline one when there is an image encoder."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+    from safetensors import safe_open
+
+    pipeline = WanImageToVideoPipeline if "image_encoder" in components else WanPipeline
+    pipe = pipeline(**components)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     for path in folder.rglob("*.safetensors"):  # mark the library-written files too
         with safe_open(str(path), framework="pt") as f:

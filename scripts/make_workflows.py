@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..nodes import NODE_CLASS_MAPPINGS
+from ..nodes.standins import STANDIN_NODES
 from ..runtime.schema import NodeSchema
 
 
@@ -27,7 +28,8 @@ class GraphNode:
 
 
 def _schema(node_type: str) -> NodeSchema:
-    return NODE_CLASS_MAPPINGS[node_type].SCHEMA
+    # ComfyUI core nodes the graphs use (LoadImage) are declared by the headless stand-ins.
+    return {**STANDIN_NODES, **NODE_CLASS_MAPPINGS}[node_type].SCHEMA
 
 
 def to_api(nodes: list[GraphNode]) -> dict[str, Any]:
@@ -112,7 +114,119 @@ def t2v_wan21() -> list[GraphNode]:
     ]
 
 
-WORKFLOWS = {"t2v_wan21": t2v_wan21}
+# Shared by the workflows below; titles are what `--set Title.input=...` and the tiny-model
+# overrides (runtime.demo) address.
+TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+VAE_21 = "wan_2.1_vae.safetensors"
+START_IMAGE = "example.png"
+"""ComfyUI ships input/example.png; replace it with your own first frame."""
+END_IMAGE = "end_frame.png"
+PROMPT_I2V = "The woman in the picture turns towards the camera and smiles as the wind moves her hair, cinematic"
+
+
+def _tail(first_id: int, sampler_links: dict[str, tuple[int, int]], vae_id: int, sampler: dict[str, Any],
+          prefix: str, fps: int) -> list[GraphNode]:
+    """Sampler -> decode -> save, the end of every graph."""
+    return [
+        GraphNode(first_id, "WanflowSampler", "Sampler", {"seed": 42, **sampler}, sampler_links),
+        GraphNode(first_id + 1, "WanflowVAEDecode", "Decode", {}, {"vae": (vae_id, 0), "samples": (first_id, 0)}),
+        GraphNode(first_id + 2, "WanflowSaveVideo", "Save Video", {"filename_prefix": prefix, "fps": fps},
+                  {"images": (first_id + 1, 0)}),
+    ]
+
+
+def _clip_i2v(model_name: str, size: dict[str, int], sampler: dict[str, Any], prefix: str,
+              end_image: bool) -> list[GraphNode]:
+    """Wan2.1 I2V / FLF2V: CLIP vision of the start (and end) image + their latents."""
+    nodes = [
+        GraphNode(1, "WanflowModelLoader", "Load Diffusion Model", {"model_name": model_name}),
+        GraphNode(2, "WanflowTextEncoderLoader", "Load Text Encoder", {"text_encoder_name": TEXT_ENCODER}),
+        GraphNode(3, "WanflowVAELoader", "Load VAE", {"vae_name": VAE_21}),
+        GraphNode(4, "WanflowCLIPVisionLoader", "Load CLIP Vision", {"clip_name": "clip_vision_h.safetensors"}),
+        GraphNode(5, "LoadImage", "Start Image", {"image": START_IMAGE}),
+        GraphNode(6, "WanflowCLIPVisionEncode", "CLIP Vision Start", {}, {"clip_vision": (4, 0), "image": (5, 0)}),
+        GraphNode(7, "WanflowTextEncode", "Prompt", {"positive": PROMPT_I2V}, {"text_encoder": (2, 0)}),
+    ]
+    links = {"conditioning": (7, 0), "vae": (3, 0), "start_image": (5, 0), "clip_vision_start_image": (6, 0)}
+    if end_image:
+        nodes += [
+            GraphNode(8, "LoadImage", "End Image", {"image": END_IMAGE}),
+            GraphNode(9, "WanflowCLIPVisionEncode", "CLIP Vision End", {}, {"clip_vision": (4, 0), "image": (8, 0)}),
+        ]
+        links |= {"end_image": (8, 0), "clip_vision_end_image": (9, 0)}
+    nodes.append(GraphNode(10, "WanflowImageToVideo", "Image To Video", size, links))
+    return nodes + _tail(11, {"model": (1, 0), "conditioning": (10, 0), "latent": (10, 1)}, 3, sampler, prefix, 16)
+
+
+def i2v_wan21() -> list[GraphNode]:
+    # 480p: the official repo samples I2V with 40 steps and shift 3.0 there (FACTS §3).
+    return _clip_i2v("wan2.1_i2v_480p_14B_fp16.safetensors", {"width": 832, "height": 480, "length": 81},
+                     {"steps": 40, "cfg": 5.0, "shift": 3.0}, "wanflow/i2v", end_image=False)
+
+
+def flf2v_wan21() -> list[GraphNode]:
+    return _clip_i2v("wan2.1_flf2v_720p_14B_fp16.safetensors", {"width": 1280, "height": 720, "length": 81},
+                     {"steps": 50, "cfg": 5.0, "shift": 16.0}, "wanflow/flf2v", end_image=True)
+
+
+def _experts(kind: str) -> GraphNode:
+    return GraphNode(1, "WanflowMoEModelLoader", "Load Experts", {
+        "high_noise_model": f"wan2.2_{kind}_high_noise_14B_fp8_scaled.safetensors",
+        "low_noise_model": f"wan2.2_{kind}_low_noise_14B_fp8_scaled.safetensors",
+    })
+
+
+def t2v_wan22_a14b() -> list[GraphNode]:
+    return [
+        _experts("t2v"),
+        GraphNode(2, "WanflowTextEncoderLoader", "Load Text Encoder", {"text_encoder_name": TEXT_ENCODER}),
+        GraphNode(3, "WanflowVAELoader", "Load VAE", {"vae_name": VAE_21}),
+        GraphNode(4, "WanflowTextEncode", "Prompt", {"positive": "A red fox trotting through a snowy birch forest at dawn, soft light, cinematic"}, {"text_encoder": (2, 0)}),
+        GraphNode(5, "WanflowEmptyLatentVideo", "Video Size", {"width": 1280, "height": 720, "length": 81}),
+        *_tail(6, {"model": (1, 0), "conditioning": (4, 0), "latent": (5, 0)}, 3,
+               {"steps": 40, "cfg": 4.0, "cfg_2": 3.0, "shift": 12.0, "boundary": 0.875}, "wanflow/t2v_a14b", 16),
+    ]
+
+
+def i2v_wan22_a14b() -> list[GraphNode]:
+    # Wan2.2's I2V experts have no CLIP image cross-attention: the start image's latent only.
+    return [
+        _experts("i2v"),
+        GraphNode(2, "WanflowTextEncoderLoader", "Load Text Encoder", {"text_encoder_name": TEXT_ENCODER}),
+        GraphNode(3, "WanflowVAELoader", "Load VAE", {"vae_name": VAE_21}),
+        GraphNode(4, "LoadImage", "Start Image", {"image": START_IMAGE}),
+        GraphNode(5, "WanflowTextEncode", "Prompt", {"positive": PROMPT_I2V}, {"text_encoder": (2, 0)}),
+        GraphNode(6, "WanflowImageToVideo", "Image To Video", {"width": 1280, "height": 720, "length": 81},
+                  {"conditioning": (5, 0), "vae": (3, 0), "start_image": (4, 0)}),
+        *_tail(7, {"model": (1, 0), "conditioning": (6, 0), "latent": (6, 1)}, 3,
+               {"steps": 40, "cfg": 3.5, "cfg_2": 3.5, "shift": 5.0, "boundary": 0.9}, "wanflow/i2v_a14b", 16),
+    ]
+
+
+def ti2v_wan22_5b() -> list[GraphNode]:
+    # Image-to-video; for text-to-video drop the image and feed the sampler a Wan Empty Latent
+    # Video with this VAE connected (48 channels).
+    return [
+        GraphNode(1, "WanflowModelLoader", "Load Diffusion Model", {"model_name": "wan2.2_ti2v_5B_fp16.safetensors"}),
+        GraphNode(2, "WanflowTextEncoderLoader", "Load Text Encoder", {"text_encoder_name": TEXT_ENCODER}),
+        GraphNode(3, "WanflowVAELoader", "Load VAE", {"vae_name": "wan2.2_vae.safetensors"}),
+        GraphNode(4, "LoadImage", "Start Image", {"image": START_IMAGE}),
+        GraphNode(5, "WanflowTextEncode", "Prompt", {"positive": PROMPT_I2V}, {"text_encoder": (2, 0)}),
+        GraphNode(6, "WanflowImageToVideo", "Image To Video", {"width": 1280, "height": 704, "length": 121},
+                  {"conditioning": (5, 0), "vae": (3, 0), "start_image": (4, 0)}),
+        *_tail(7, {"model": (1, 0), "conditioning": (6, 0), "latent": (6, 1)}, 3,
+               {"steps": 50, "cfg": 5.0, "shift": 5.0}, "wanflow/ti2v", 24),
+    ]
+
+
+WORKFLOWS = {
+    "t2v_wan21": t2v_wan21,
+    "i2v_wan21": i2v_wan21,
+    "flf2v_wan21": flf2v_wan21,
+    "t2v_wan22_a14b": t2v_wan22_a14b,
+    "i2v_wan22_a14b": i2v_wan22_a14b,
+    "ti2v_wan22_5b": ti2v_wan22_5b,
+}
 
 
 def write_all(out_dir: Path) -> list[Path]:

@@ -17,6 +17,7 @@ from ..cache import job_cache
 from ..errors import InputValueError
 from ..lora import sync_loras
 from ..progress import ProgressReporter, current_reporter
+from .conditioning import ConditioningInputs, check_conditioning
 from .latent_format import denormalize, latent_format, normalize
 from .request import SamplingRequest, SamplingResult, StepTrace
 from .schedulers import make_scheduler
@@ -122,7 +123,7 @@ def sample(
             preview = None
             if (i + 1) % preview_every == 0 or i + 1 == plan.steps:
                 # x0 = x_t - sigma_t * v for a flow prediction v = noise - x0.
-                estimate = latents - sigmas[plan.start + i] * velocity
+                estimate = guide.inputs.finish(latents - sigmas[plan.start + i] * velocity)
                 preview = denormalize(estimate, vae_family).cpu()
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             trace.append(StepTrace(index=i, timestep=float(t), expert=expert, guidance_scale=guidance_scale))
@@ -134,6 +135,7 @@ def sample(
     if cache_stats.enabled:
         stats["cache"] = cache_stats.as_dict()
         stats["cache_summary"] = cache_stats.summary_text()
+    latents = guide.inputs.finish(latents)
     return SamplingResult(latent=denormalize(latents, vae_family).cpu(), trace=trace, stats=stats)
 
 
@@ -147,6 +149,7 @@ class _Guidance:
         self.negative = (
             None if request.negative is None else _batched(request.negative, batch).to(model.device, model.dtype)
         )
+        self.inputs = ConditioningInputs(model, request.conditioning, batch)
         self.guidance = (request.guidance_scale, _or(request.guidance_scale_2, request.guidance_scale))
         boundary_ratio = _or(request.boundary_ratio, model.variant.boundary_ratio)
         # One loaded expert (e.g. a single Wan2.2 file) runs every step.
@@ -160,18 +163,21 @@ class _Guidance:
         return expert, self.guidance[expert]
 
     def predict(self, expert: int, latents: torch.Tensor, t: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        # I2V / TI2V conditioning (image latent channels concatenated to hidden_states, CLIP
-        # embeds as encoder_hidden_states_image) belongs here; _check_request refuses it until then.
         transformer = self.experts[expert]
-        hidden = latents.to(self.dtype)
-        timestep = t.expand(latents.shape[0])
+        # Image conditioning (I2V channels, TI2V first frames and per-token timesteps, CLIP
+        # embeds) is the same for the cond and the uncond pass, as in diffusers.
+        hidden = self.inputs.hidden_states(latents, self.dtype)
+        timestep = self.inputs.timestep(t, latents)
+        image = self.inputs.image_embeds
         cond = transformer(
-            hidden_states=hidden, timestep=timestep, encoder_hidden_states=self.positive, return_dict=False
+            hidden_states=hidden, timestep=timestep, encoder_hidden_states=self.positive,
+            encoder_hidden_states_image=image, return_dict=False,
         )[0]
         if self.negative is None or guidance_scale <= 1.0:
             return cond.float()
         uncond = transformer(
-            hidden_states=hidden, timestep=timestep, encoder_hidden_states=self.negative, return_dict=False
+            hidden_states=hidden, timestep=timestep, encoder_hidden_states=self.negative,
+            encoder_hidden_states_image=image, return_dict=False,
         )[0]
         # In float32, so the latent stays float32 between steps whatever the model dtype.
         return uncond.float() + guidance_scale * (cond.float() - uncond.float())
@@ -203,18 +209,7 @@ def _check_request(model: "WanModel", request: SamplingRequest) -> None:
             f"must be multiples of {fmt.size_multiple}",
             input_name="latent",
         )
-    in_channels = model.transformer.config.in_channels
-    if request.conditioning:
-        raise InputValueError(
-            f"image conditioning ({', '.join(request.conditioning)}) is not supported yet by the sampler",
-            input_name="conditioning",
-        )
-    if in_channels != channels:
-        raise InputValueError(
-            f"{model.variant.name} ({model.variant.family}) takes {in_channels} input channels and needs "
-            f"image conditioning; a {channels}-channel latent alone is not enough",
-            input_name="conditioning",
-        )
+    check_conditioning(model, request.conditioning, shape)
     text_dim = model.transformer.config.text_dim
     for name, embeds in (("positive", request.positive), ("negative", request.negative)):
         if embeds is None:
