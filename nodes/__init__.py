@@ -5,6 +5,7 @@ from .conditioning import CONDITIONING_NODES
 from .image_to_video import IMAGE_TO_VIDEO_NODES
 from .loaders import LOADER_NODES
 from .lora import LORA_NODES
+from .model_options import MODEL_OPTION_NODES
 from .parallel import PARALLEL_NODES
 from .sampler import SAMPLER_NODES
 from .save import SAVE_NODES
@@ -20,6 +21,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     **CACHE_NODES,
     **LORA_NODES,
     **PARALLEL_NODES,
+    **MODEL_OPTION_NODES,
     **IMAGE_TO_VIDEO_NODES,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {

@@ -2,6 +2,7 @@
 diffusers' own path measured in the same run.
 
     python -m wanflow.scripts.bench --sections peak,attn,forward --sizes 1.3B --out bench.json
+    python -m wanflow.scripts.bench --sections cache --cache-steps 50   # cache-dit on a 1.3B job
     python -m wanflow.scripts.bench --smoke        # CPU, tiny configs, seconds (CI)
 
 Weights are random (real architectures built from the shipped configs): timings and
@@ -46,12 +47,13 @@ from ..runtime.attention import (
     reference_kernel,
     set_self_attention_processor,
 )
+from ..runtime.cache import SCM_PRESETS, CacheConfig
 from ..runtime.models.single_file import keep_fp32
 from ..runtime.models.variants import load_shipped_config
 from ..runtime.offload import apply_offload
 from ..runtime.tiny import TINY_TRANSFORMER_CONFIG
 
-SECTIONS = ("peak", "attn", "forward", "job", "vae")
+SECTIONS = ("peak", "attn", "forward", "job", "vae", "cache")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ TEXT_TOKENS = 512
 FORWARD_VARIANTS = ("diffusers", "cudnn", "sage", "int8", "fp8", "int8_pv16",
                     "compile", "int8+compile", "fp8+compile")
 ATTN_KERNELS = ("sdpa", "cudnn", "flash", "sage", "int8", "fp8", "int8_pv16", "int8:no_split_acc")
+CACHE_VARIANTS = ("none", "dbcache", "dbcache+taylorseer", "scm-medium", "scm-fast")
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -307,12 +310,13 @@ def environment(device: torch.device) -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    try:
-        from importlib.metadata import version  # noqa: PLC0415
+    from importlib.metadata import version  # noqa: PLC0415
 
-        env["sageattention"] = version("sageattention")
-    except Exception:  # noqa: BLE001 - absent is fine
-        env["sageattention"] = None
+    for package in ("sageattention", "cache-dit"):
+        try:
+            env[package] = version(package)
+        except Exception:  # noqa: BLE001 - absent is fine
+            env[package] = None
     env["backends"] = available_backends(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     return env
 
@@ -468,44 +472,70 @@ def section_forward(args, report: Report, device: torch.device, dtype: torch.dty
         reset_peak(device)
 
 
-def section_job(args, report: Report, device: torch.device, dtype: torch.dtype) -> None:
-    """A full CFG job: diffusers' WanPipeline (output_type="latent") against our loop, same
-    weights, embeddings, scheduler and seed."""
-    from diffusers import WanPipeline  # noqa: PLC0415
+@dataclass
+class LoopJob:
+    """One CFG job on a random-weight transformer: the same weights, embeddings, scheduler
+    and seed for every variant a section compares."""
+    size: Size
+    transformer: torch.nn.Module
+    positive: torch.Tensor
+    negative: torch.Tensor
+    wan: Any
+    """runtime WanModel around `transformer`."""
+    request: Any
+    """runtime SamplingRequest: UniPC, shift 5, guidance 5, seed 0."""
 
+    def run_loop(self, cache: Any = None) -> tuple[torch.Tensor, dict]:
+        """Our `sample()` with `cache` as WanModel.cache: the final latent in the transformer's
+        (normalised) space on the GPU, and the job's stats."""
+        from ..runtime.sampling.latent_format import normalize  # noqa: PLC0415
+        from ..runtime.sampling.loop import sample  # noqa: PLC0415
+
+        result = sample(self.wan.replace(cache=cache), self.request)
+        return normalize(result.latent.to(self.wan.device), "wan2.1"), result.stats
+
+
+def loop_job(size: Size, steps: int, device: torch.device, dtype: torch.dtype) -> LoopJob:
     from ..runtime.models.variants import get_variant  # noqa: PLC0415
     from ..runtime.models.wan_model import WanModel  # noqa: PLC0415
-    from ..runtime.sampling.latent_format import normalize  # noqa: PLC0415
-    from ..runtime.sampling.loop import sample  # noqa: PLC0415
     from ..runtime.sampling.request import SamplingRequest  # noqa: PLC0415
-    from ..runtime.sampling.schedulers import make_scheduler  # noqa: PLC0415
 
-    size = args.job_size
     cfg = size.config()
     model = build_transformer(cfg, device, dtype)
     gen = torch.Generator(device="cpu").manual_seed(3)
     positive = torch.randn(1, TEXT_TOKENS, cfg["text_dim"], generator=gen).to(device, dtype)
     negative = torch.randn(1, TEXT_TOKENS, cfg["text_dim"], generator=gen).to(device, dtype)
-    shift, guidance, seed = 5.0, 5.0, 0
-    latent_shape = size.latent_shape(1, cfg)
-    flops = 2 * args.steps * forward_flops(cfg, latent_shape)
+    variant_name = "wan2.1-t2v-1.3b" if size.variant == "tiny" else size.variant
+    wan = WanModel(transformer=model, variant=get_variant(variant_name), dtype=dtype, device=device)
+    request = SamplingRequest(positive=positive, negative=negative, latent_shape=size.latent_shape(1, cfg),
+                              seed=0, steps=steps, guidance_scale=5.0, shift=5.0, scheduler="unipc")
+    return LoopJob(size=size, transformer=model, positive=positive, negative=negative, wan=wan, request=request)
+
+
+def section_job(args, report: Report, device: torch.device, dtype: torch.dtype) -> None:
+    """A full CFG job: diffusers' WanPipeline (output_type="latent") against our loop, same
+    weights, embeddings, scheduler and seed."""
+    from diffusers import WanPipeline  # noqa: PLC0415
+
+    from ..runtime.sampling.schedulers import make_scheduler  # noqa: PLC0415
+
+    size = args.job_size
+    job = loop_job(size, args.steps, device, dtype)
+    model = job.transformer
+    flops = 2 * args.steps * forward_flops(model.config, job.request.latent_shape)
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
-                       scheduler=make_scheduler("unipc", shift))
+                       scheduler=make_scheduler("unipc", job.request.shift))
     pipe.set_progress_bar_config(disable=True)
 
     def run_pipeline() -> torch.Tensor:
-        return pipe(prompt_embeds=positive, negative_prompt_embeds=negative, height=size.height,
+        return pipe(prompt_embeds=job.positive, negative_prompt_embeds=job.negative, height=size.height,
                     width=size.width, num_frames=size.frames, num_inference_steps=args.steps,
-                    guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(seed),
+                    guidance_scale=job.request.guidance_scale,
+                    generator=torch.Generator("cpu").manual_seed(job.request.seed),
                     output_type="latent", return_dict=False)[0]
 
-    variant_name = "wan2.1-t2v-1.3b" if size.variant == "tiny" else size.variant
-    wan = WanModel(transformer=model, variant=get_variant(variant_name), dtype=dtype, device=device)
-    request = SamplingRequest(positive=positive, negative=negative, latent_shape=latent_shape, seed=seed,
-                              steps=args.steps, guidance_scale=guidance, shift=shift, scheduler="unipc")
-
     def run_loop() -> torch.Tensor:
-        return normalize(sample(wan, request).latent.to(device), "wan2.1")
+        return job.run_loop()[0]
 
     ref = None
     for variant, runner in [("diffusers WanPipeline", run_pipeline), ("wanflow loop", run_loop)] + [
@@ -528,7 +558,69 @@ def section_job(args, report: Report, device: torch.device, dtype: torch.dtype) 
                    rel_err=rel_error(out.float(), ref.float()), times=times,
                    note=f"{args.steps} steps CFG; time ratio {1 / base:.2f}" if base else f"{args.steps} steps CFG")
     reset_variant(model)
-    del model, pipe, wan
+    del model, pipe, job
+    reset_peak(device)
+
+
+def cache_config_for(variant: str) -> CacheConfig | None:
+    """"none" -> None; else "+"-joined terms: "dbcache" (SGLang's defaults: Fn 1, Bn 0, warmup 4,
+    threshold 0.24, at most 3 cached steps in a row), "taylorseer" (order 1) or "taylorseer2",
+    "scm-<preset>" (a runtime.cache SCM preset; DBCache under it), e.g. "scm-fast+taylorseer"."""
+    if variant == "none":
+        return None
+    options: dict[str, Any] = {}
+    for term in variant.split("+"):
+        if term == "dbcache":
+            continue
+        if term in ("taylorseer", "taylorseer2"):
+            options.update(taylorseer=True, taylorseer_order=2 if term.endswith("2") else 1)
+        elif term.startswith("scm-") and term[4:] in SCM_PRESETS:
+            options["scm_preset"] = term[4:]
+        else:
+            raise ValueError(f"unknown cache term {term!r} in {variant!r}")
+    return CacheConfig(**options)
+
+
+def section_cache(args, report: Report, device: torch.device, dtype: torch.dtype) -> None:
+    """A full CFG job through our loop with each cache-dit setting against the same job
+    uncached (the first variant, "none"): wall time, transformer calls computed vs served from
+    the cache, and the final latent's relative L2 error. Attention stays the loop's default, so
+    the ratio is caching alone."""
+    import cache_dit  # noqa: PLC0415 - imported before timing: its first import takes seconds
+
+    from ..runtime.sampling.loop import sample  # noqa: PLC0415
+
+    size, steps = args.job_size, args.cache_steps
+    job = loop_job(size, steps, device, dtype)
+    with torch.inference_mode():  # warm-up (cuBLAS/cuDNN plans, allocator): two steps, uncached
+        sample(job.wan, dataclasses.replace(job.request, steps=2))
+    ref = None
+    for variant in args.cache_variants:
+        try:
+            cache = cache_config_for(variant)
+            reset_peak(device)
+            with torch.inference_mode():
+                _sync(device)
+                t0 = time.perf_counter()
+                out, stats = job.run_loop(cache)
+                _sync(device)
+                sec = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - one failing setting must not end the run
+            report.add(section="cache", size=size.name, variant=variant, note=f"failed: {type(e).__name__}: {e}"[:300])
+            continue
+        ref = out if ref is None else ref
+        counts = stats.get("cache")
+        note = f"{steps} steps CFG"
+        if counts:
+            note += (f"; {counts['computed_calls']}/{counts['calls']} calls computed"
+                     f" ({counts['calls'] / max(counts['computed_calls'], 1):.2f}x fewer),"
+                     f" {counts['blocks_total'] / max(counts['blocks_computed'], 1):.2f}x fewer block runs")
+        report.add(section="cache", size=size.name, variant=variant, seconds=sec,
+                   speedup=report_speedup(report, "cache", size.name, sec), peak_gib=peak_memory_gib(device),
+                   rel_err=rel_error(out, ref), cache=counts, note=note)
+    if getattr(job.transformer, "_is_cached", False):
+        cache_dit.disable_cache(job.transformer)
+    del job, ref
     reset_peak(device)
 
 
@@ -578,6 +670,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sizes whose forward is also run in fp32 as a precision yardstick")
     p.add_argument("--job-variants", default="int8+compile", help="our loop with these variants")
     p.add_argument("--steps", type=int, default=10, help="denoising steps of the job section")
+    p.add_argument("--cache-variants", default=",".join(CACHE_VARIANTS),
+                   help="cache section: none (baseline, always first) and cache_config_for() names")
+    p.add_argument("--cache-steps", type=int, default=50, help="denoising steps of the cache section")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     p.add_argument("--vae-repeats", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="JSON output path")
@@ -598,6 +693,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.attn_kernels = [k for k in args.attn_kernels.split(",") if k]
     args.job_variants = [v for v in args.job_variants.split(",") if v]
     args.fp32_ref_sizes = [v for v in args.fp32_ref_sizes.split(",") if v]
+    cache_variants = [v for v in args.cache_variants.split(",") if v]
+    args.cache_variants = ["none"] + [v for v in cache_variants if v != "none"]
     args.job_size = SIZES["1.3B"]
     if args.smoke:
         args.sizes = [SMOKE_SIZE]
@@ -612,6 +709,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.fp32_ref_sizes = ["tiny"]
         args.attn_kernels = ["sdpa"]
         args.job_variants = ["sdpa"]
+        # SCM needs >= 8 steps (runtime.cache.SCM_MIN_STEPS); fewer would test only its off switch.
+        args.cache_steps = min(args.cache_steps, 8)
     return args
 
 
@@ -634,6 +733,8 @@ def main(argv: list[str] | None = None) -> int:
         section_job(args, report, device, dtype)
     if "vae" in args.sections:
         section_vae(args, report, device)
+    if "cache" in args.sections:
+        section_cache(args, report, device, dtype)
     env = report.data["env"]
     print(f"\n{env.get('gpu', env['device'])} torch {env['torch']} diffusers {env['diffusers']} "
           f"triton {env['triton']}; bf16 matmul peak {report.data.get('peak_tflops', 0):.0f} TFLOP/s")

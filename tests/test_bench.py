@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from wanflow.scripts import bench
 
 
@@ -28,3 +30,32 @@ def test_attention_is_most_of_the_flops_at_wan_video_sizes():
     assert seq == 32760
     assert 0.65 < attention / total < 0.75
     assert bench.forward_flops(cfg, (2, *shape[1:])) == 2 * total
+
+
+def test_cache_smoke_reports_each_setting_against_the_uncached_job(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--smoke", "--sections", "cache", "--out", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["section"] == "cache"]
+    assert [r["variant"] for r in rows] == list(bench.CACHE_VARIANTS)
+    baseline, *cached = rows
+    assert baseline["rel_err"] == 0 and baseline["cache"] is None
+    for row in cached:
+        counts = row["cache"]
+        assert counts["calls"] == 2 * 8  # 8 smoke steps, cond + uncond each
+        assert 0 < counts["cached_calls"] < counts["calls"]
+        assert counts["blocks_computed"] < counts["blocks_total"]
+        assert 0 < row["rel_err"] < 5e-2
+
+
+def test_cache_variant_names_map_to_cache_configs():
+    from wanflow.runtime.cache import CacheConfig
+
+    assert bench.cache_config_for("none") is None
+    assert bench.cache_config_for("dbcache") == CacheConfig()
+    assert bench.cache_config_for("scm-fast+taylorseer") == CacheConfig(scm_preset="fast", taylorseer=True)
+    assert bench.cache_config_for("dbcache+taylorseer2") == CacheConfig(taylorseer=True, taylorseer_order=2)
+
+
+def test_unknown_cache_variant_is_rejected():
+    with pytest.raises(ValueError, match="scm-turbo"):
+        bench.cache_config_for("dbcache+scm-turbo")

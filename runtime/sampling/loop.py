@@ -15,7 +15,7 @@ import torch
 
 from ..cache import job_cache
 from ..errors import InputValueError
-from ..lora import sync_loras
+from ..model_setup import prepare_for_sampling
 from ..progress import ProgressReporter, current_reporter
 from .conditioning import ConditioningInputs, check_conditioning
 from .latent_format import denormalize, latent_format, normalize
@@ -80,9 +80,9 @@ def sample(
     if preview_every < 1:
         raise ValueError(f"preview_every must be at least 1, got {preview_every}")
     reporter = reporter or current_reporter()
-    # Transformers are shared between WanModel copies: make them carry this model's LoRA stack
-    # (a no-op when it already does) before anything runs or caches them.
-    model = sync_loras(model)
+    # Transformers are shared between WanModel copies: make them carry this model's LoRA stack,
+    # attention kernel, offload and compile (no-ops when they already do) before anything runs.
+    model = prepare_for_sampling(model)
     vae_family = model.variant.vae_family
     plan = plan_steps(request.steps, request.denoise)
     _check_request(model, request)
