@@ -64,9 +64,13 @@ class WanflowSampler(SchemaNode):
             result = run(model, request, reporter)
         out = dict(latent)
         out["samples"] = result.latent
+        # Step timings and cache statistics travel in the node's UI output: ComfyUI shows the
+        # text, and the CLI (--perf-dump) and server job results report the rest.
+        ui = {"sampling": [{**{k: v for k, v in result.stats.items() if k != "cache_summary"},
+                            "step_seconds": [round(s.seconds, 4) for s in result.trace]}]}
         if "cache_summary" in result.stats:
-            return {"ui": {"text": [result.stats["cache_summary"]]}, "result": (out,)}
-        return (out,)
+            ui["text"] = [result.stats["cache_summary"]]
+        return {"ui": ui, "result": (out,)}
 
 
 SAMPLER_NODES = {WanflowSampler.SCHEMA.node_id: WanflowSampler}

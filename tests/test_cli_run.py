@@ -105,7 +105,18 @@ def test_run_with_cache_dit_flag_reports_cache_stats_in_the_summary(dirs, capsys
     (text,) = summary["outputs"]["6"]["text"]
     assert "Cache-DiT" in text
     assert main(["run", str(T2V), *cli(tiny, out, "--json")]) == 0  # defaults reset: no cache
-    assert "6" not in json.loads(capsys.readouterr().out)["outputs"]
+    assert "text" not in json.loads(capsys.readouterr().out)["outputs"]["6"]
+
+
+def test_perf_dump_holds_node_timings_and_per_step_seconds(dirs, tmp_path):
+    tiny, out = dirs
+    dump = tmp_path / "perf.json"
+    assert main(["run", str(T2V), *cli(tiny, out, "--perf-dump", str(dump))]) == 0
+    perf = json.loads(dump.read_text())
+    assert {"1", "4", "6", "7", "8"} <= set(perf["timings"])
+    (sampling,) = perf["outputs"]["6"]["sampling"]
+    assert len(sampling["step_seconds"]) == sampling["steps"] == 6
+    assert all(s > 0 for s in sampling["step_seconds"])
 
 
 def test_generate_from_flags_and_from_a_yaml_config_give_the_same_video(dirs, capsys, tmp_path):

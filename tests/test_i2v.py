@@ -11,6 +11,7 @@ from diffusers import WanImageToVideoPipeline
 from PIL import Image
 
 from wanflow import NODE_CLASS_MAPPINGS
+from wanflow.runtime.workflow.executor import split_node_result
 from wanflow.runtime import paths
 from wanflow.runtime.errors import InputValueError, ModelFileError
 from wanflow.runtime.models import combine_experts, load_diffusion_model
@@ -39,8 +40,9 @@ F32 = torch.float32
 
 
 def call(node_type: str, **kwargs):
+    """Run a node the way ComfyUI does; returns its outputs tuple."""
     cls = NODE_CLASS_MAPPINGS[node_type]
-    return getattr(cls(), cls.FUNCTION)(**kwargs)
+    return split_node_result(getattr(cls(), cls.FUNCTION)(**kwargs))[0]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from wanflow import NODE_CLASS_MAPPINGS
+from wanflow.runtime.workflow.executor import split_node_result
 from wanflow.runtime import io_dirs, paths
 from wanflow.runtime.errors import InputValueError, ModelFileError
 from wanflow.runtime.media import read_video_frames, read_video_info
@@ -15,10 +16,14 @@ from wanflow.runtime.media import read_video_frames, read_video_info
 WIDTH, HEIGHT, LENGTH = 64, 48, 9
 
 
-def call(node_type: str, **kwargs):
-    """Instantiate and run a node exactly as ComfyUI's executor does."""
+def run(node_type: str, **kwargs):
+    """Instantiate and run a node exactly as ComfyUI's executor does: (outputs, ui)."""
     cls = NODE_CLASS_MAPPINGS[node_type]
-    return getattr(cls(), cls.FUNCTION)(**kwargs)
+    return split_node_result(getattr(cls(), cls.FUNCTION)(**kwargs))
+
+
+def call(node_type: str, **kwargs):
+    return run(node_type, **kwargs)[0]
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +51,13 @@ def render(loaded, seed: int, prefix: str, **save):
     (denoised,) = call("WanflowSampler", model=model, conditioning=cond, latent=latent, seed=seed, steps=4,
                        cfg=5.0, shift=5.0, scheduler="unipc", denoise=1.0)
     (images,) = call("WanflowVAEDecode", vae=vae, samples=denoised)
-    ui = call("WanflowSaveVideo", images=images, fps=16.0, filename_prefix=prefix,
+    _, ui = run("WanflowSaveVideo", images=images, fps=16.0, filename_prefix=prefix,
               prompt={"1": {"class_type": "X"}}, extra_pnginfo={"workflow": {"nodes": [], "marker": prefix}}, **save)
     return denoised, images, ui
 
 
 def saved_file(dirs, ui):
-    item = ui["ui"]["images"][0]
+    item = ui["images"][0]
     return dirs / item["subfolder"] / item["filename"]
 
 
@@ -70,7 +75,7 @@ def test_nodes_write_an_mp4_with_the_right_frames_size_fps_and_workflow(dirs, lo
     info = read_video_info(saved_file(dirs, ui))
     assert (info.frames, info.width, info.height, info.fps, info.codec) == (LENGTH, WIDTH, HEIGHT, 16.0, "h264")
     assert json.loads(info.metadata["workflow"])["marker"] == "t2v/run"
-    assert ui["ui"]["animated"] == [True]
+    assert ui["animated"] == [True]
 
 
 def test_webm_and_png_frames_options(dirs, loaded):

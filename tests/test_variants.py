@@ -11,6 +11,7 @@ import torch
 from diffusers import WanPipeline
 
 from wanflow import NODE_CLASS_MAPPINGS
+from wanflow.runtime.workflow.executor import split_node_result
 from wanflow.runtime import paths
 from wanflow.runtime.errors import ModelFileError
 from wanflow.runtime.models import combine_experts, load_diffusion_model
@@ -29,8 +30,9 @@ TEXT_DIM = 64
 
 
 def call(node_type: str, **kwargs):
+    """Run a node the way ComfyUI does; returns its outputs tuple."""
     cls = NODE_CLASS_MAPPINGS[node_type]
-    return getattr(cls(), cls.FUNCTION)(**kwargs)
+    return split_node_result(getattr(cls(), cls.FUNCTION)(**kwargs))[0]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

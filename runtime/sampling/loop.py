@@ -118,6 +118,7 @@ def sample(
     with job_cache(model, plan.steps, expert_steps=expert_steps, cfg=cfg) as cache_stats:
         for i, t in enumerate(timesteps):
             reporter.raise_if_interrupted()
+            step_started = time.perf_counter()
             expert, guidance_scale = guide.expert_for(t)
             velocity = guide.predict(expert, latents, t, guidance_scale)
             preview = None
@@ -126,7 +127,10 @@ def sample(
                 estimate = guide.inputs.finish(latents - sigmas[plan.start + i] * velocity)
                 preview = denormalize(estimate, vae_family).cpu()
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
-            trace.append(StepTrace(index=i, timestep=float(t), expert=expert, guidance_scale=guidance_scale))
+            if latents.device.type == "cuda":
+                torch.cuda.synchronize(latents.device)
+            trace.append(StepTrace(index=i, timestep=float(t), expert=expert, guidance_scale=guidance_scale,
+                                   seconds=time.perf_counter() - step_started))
             reporter.progress(i + 1, plan.steps, preview)
 
     elapsed = time.perf_counter() - started

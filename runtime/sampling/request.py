@@ -41,6 +41,8 @@ class StepTrace:
     expert: int
     """0: transformer (high-noise / only), 1: transformer_2 (low-noise)."""
     guidance_scale: float
+    seconds: float = 0.0
+    """Wall time of the step (device synchronised), for per-step performance dumps."""
 
 
 @dataclass

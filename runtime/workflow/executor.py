@@ -75,7 +75,8 @@ def _format_value(value: Any) -> Any:
     return str(value)
 
 
-def _split_result(raw: Any, node_id: str, class_type: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def split_node_result(raw: Any, node_id: str = "?", class_type: str = "?") -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A node function's return value as (outputs, ui): a tuple, or ComfyUI's {"ui", "result"}."""
     ui: dict[str, Any] = {}
     result = raw
     if isinstance(raw, dict):
@@ -354,7 +355,7 @@ class _Run:
             with reporting(ProgressReporter(on_progress=on_progress, interrupt_event=self.interrupt)):
                 raw = getattr(obj, cls.FUNCTION)(**kwargs)  # type: ignore[union-attr]
             self.timings[node_id] = time.perf_counter() - started
-            produced, ui = _split_result(raw, node_id, class_type)
+            produced, ui = split_node_result(raw, node_id, class_type)
         except JobInterrupted:
             log.info("job %s interrupted at node %s", self.prompt_id, node_id)
             return InterruptedInfo(node_id, class_type, list(self.executed))
