@@ -25,12 +25,14 @@ class WanflowTextEncode(SchemaNode):
             Input("text_encoder", "WANFLOW_TEXT_ENCODER"),
             Input("positive", "STRING", default="", multiline=True, tooltip="what the video should show"),
             Input("negative", "STRING", default=WAN_DEFAULT_NEGATIVE, multiline=True, tooltip="what to steer away from (used with cfg > 1)"),
+            Input("offload", "BOOLEAN", default=False, optional=True,
+                  tooltip="keep the text encoder in CPU memory, on its device only while encoding"),
         ),
         outputs=(Output("WANFLOW_CONDITIONING", "conditioning"),),
     )
 
-    def execute(self, text_encoder, positive: str, negative: str = ""):
-        return (encode_prompts(text_encoder, positive, negative),)
+    def execute(self, text_encoder, positive: str, negative: str = "", offload: bool = False):
+        return (encode_prompts(text_encoder, positive, negative, offload=offload),)
 
 
 class WanflowEmptyLatentVideo(SchemaNode):

@@ -6,6 +6,7 @@ embedded as the uint8 tensor `spiece_model`; fp16/bf16/fp8_scaled) or as a diffu
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Protocol
 import torch
 
 from .errors import ModelFileError
+from .offload import onloaded
 from .models.detect import detect_file_kind, ensure_kind
 from .models.single_file import SafetensorsHeader, fp8_layout, load_into_empty, load_pretrained, read_header, read_tensors
 
@@ -165,12 +167,15 @@ def _encode(te: TextEncoder, text: str) -> torch.Tensor:
     return hidden
 
 
-def encode_prompts(te: TextEncoder, positive: str, negative: str | None) -> PromptEmbeds:
+def encode_prompts(te: TextEncoder, positive: str, negative: str | None, *, offload: bool = False) -> PromptEmbeds:
     """Prompt embeds as diffusers' `WanPipeline._get_t5_prompt_embeds` computes them (same
-    `prompt_clean`, tokenisation, masking and zeroing); `negative` None gives no negative."""
-    return PromptEmbeds(
-        positive=_encode(te, positive),
-        negative=None if negative is None else _encode(te, negative),
-        positive_text=positive,
-        negative_text=negative or "",
-    )
+    `prompt_clean`, tokenisation, masking and zeroing); `negative` None gives no negative.
+    offload: keep the encoder in CPU memory between encodes (UMT5-XXL holds ~11 GB in bf16),
+    moving it to its device only while encoding."""
+    with onloaded(te.model, te.device) if offload else contextlib.nullcontext():
+        return PromptEmbeds(
+            positive=_encode(te, positive),
+            negative=None if negative is None else _encode(te, negative),
+            positive_text=positive,
+            negative_text=negative or "",
+        )

@@ -63,3 +63,27 @@ def test_unknown_attention_backend_is_refused_naming_it(tiny_models):
     model = fresh_model(tiny_models).replace(attention="warp-speed")
     with pytest.raises(InputValueError, match="warp-speed"):
         sample(model, request(model))
+
+
+def test_text_encoder_offload_gives_the_same_embeds_and_leaves_it_on_the_cpu(tiny_models):
+    from wanflow.runtime.text import encode_prompts, load_text_encoder
+
+    te = load_text_encoder(tiny_models.text_encoder, dtype=torch.float32)
+    resident = encode_prompts(te, "a fox", "blurry")
+    offloaded = encode_prompts(te, "a fox", "blurry", offload=True)
+    assert torch.equal(resident.positive, offloaded.positive)
+    assert torch.equal(resident.negative, offloaded.negative)
+    assert next(te.model.parameters()).device.type == "cpu"
+
+
+def test_tiled_vae_decode_stays_close_to_the_full_decode(tiny_models):
+    from wanflow.runtime.vae import decode, load_vae
+
+    vae = load_vae(tiny_models.vae, dtype=torch.float32)
+    # Large enough (in pixels) for diffusers' default tiles to split it.
+    latent = torch.randn(1, 16, 2, 48, 48, generator=torch.Generator().manual_seed(0))
+    tiled, full = decode(vae, latent, tiled=True), decode(vae, latent)
+    assert vae.model.use_tiling is False  # a shared VAE: the untiled call switched tiling off again
+    assert not torch.equal(full, tiled)  # the tiled path really ran
+    assert full.shape == tiled.shape
+    assert (full - tiled).abs().mean() < 0.05
