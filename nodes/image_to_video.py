@@ -9,28 +9,17 @@ from ..runtime.sampling.conditioning import image_to_video, with_image
 from ..runtime.sampling.latent_format import latent_shape
 from ..runtime.schema import Input, NodeSchema, Output, SchemaNode
 from ..runtime.vision import CROP_MODES, encode_images, load_clip_vision
-from .loaders import device_input, dtype_input, load_cached
+from .loaders import single_file_loader
 
 CLIP_VISION = "WANFLOW_CLIP_VISION"
 CLIP_VISION_OUTPUT = "WANFLOW_CLIP_VISION_OUTPUT"
 
 
-class WanflowCLIPVisionLoader(SchemaNode):
-    SCHEMA = NodeSchema(
-        node_id="WanflowCLIPVisionLoader",
-        display_name="Wan CLIP Vision Loader",
-        category="wanflow/loaders",
-        description="Loads the CLIP vision encoder Wan2.1 I2V / FLF2V condition on (clip_vision_h.safetensors).",
-        inputs=(
-            Input("clip_name", "COMBO", options=lambda: list_models("clip_vision"), tooltip="file in models/clip_vision"),
-            dtype_input(),
-            device_input(),
-        ),
-        outputs=(Output(CLIP_VISION, "clip_vision"),),
-    )
-
-    def execute(self, clip_name: str, weight_dtype: str = "auto", device: str = "auto"):
-        return (load_cached("clip_vision", clip_name, weight_dtype, device, load_clip_vision),)
+WanflowCLIPVisionLoader = single_file_loader(
+    "WanflowCLIPVisionLoader", "Wan CLIP Vision Loader",
+    "Loads the CLIP vision encoder Wan2.1 I2V / FLF2V condition on (clip_vision_h.safetensors).",
+    "clip_vision", "clip_name", Output(CLIP_VISION, "clip_vision"), load_clip_vision,
+)
 
 
 class WanflowCLIPVisionEncode(SchemaNode):

@@ -2,6 +2,8 @@
 (ComfyUI single files) and diffusers folders."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from ..runtime import model_cache
 from ..runtime.devices import DEVICE_CHOICES, DTYPE_CHOICES, resolve_device, resolve_dtype
 from ..runtime.model_defaults import apply_model_defaults
@@ -29,22 +31,42 @@ def load_cached(folder: str, name: str, weight_dtype: str, device: str, loader):
     return model_cache.cached(folder, str(path), (str(dtype), str(dev)), lambda: loader(path, dtype=dtype, device=dev))
 
 
-class WanflowModelLoader(SchemaNode):
-    SCHEMA = NodeSchema(
-        node_id="WanflowModelLoader",
-        display_name="Wan Diffusion Model Loader",
+def single_file_loader(
+    node_id: str,
+    display_name: str,
+    description: str,
+    folder: str,
+    input_name: str,
+    output: Output,
+    loader: Callable[..., Any],
+    finish: Callable[[Any], Any] = lambda loaded: loaded,
+) -> type[SchemaNode]:
+    """A loader node for one file of `folder` (+ dtype / device): every single-file loader has
+    this same shape, so it is declared once. `finish` adjusts what the (cached) loader returned."""
+
+    def execute(self, weight_dtype: str = "auto", device: str = "auto", **names: str):
+        return (finish(load_cached(folder, names[input_name], weight_dtype, device, loader)),)
+
+    schema = NodeSchema(
+        node_id=node_id,
+        display_name=display_name,
         category=CATEGORY,
-        description="Loads a Wan2.1 / Wan2.2 diffusion model file (fp16, bf16, fp8, fp8_scaled); the variant is detected from the file's contents.",
+        description=description,
         inputs=(
-            Input("model_name", "COMBO", options=lambda: list_models("diffusion_models"), tooltip="file in models/diffusion_models"),
+            Input(input_name, "COMBO", options=lambda: list_models(folder), tooltip=f"file in models/{folder}"),
             dtype_input(),
             device_input(),
         ),
-        outputs=(Output("WANFLOW_MODEL", "model"),),
+        outputs=(output,),
     )
+    return type(node_id, (SchemaNode,), {"SCHEMA": schema, "execute": execute, "__module__": __name__})
 
-    def execute(self, model_name: str, weight_dtype: str = "auto", device: str = "auto"):
-        return (apply_model_defaults(load_cached("diffusion_models", model_name, weight_dtype, device, load_diffusion_model)),)
+
+WanflowModelLoader = single_file_loader(
+    "WanflowModelLoader", "Wan Diffusion Model Loader",
+    "Loads a Wan2.1 / Wan2.2 diffusion model file (fp16, bf16, fp8, fp8_scaled); the variant is detected from the file's contents.",
+    "diffusion_models", "model_name", Output("WANFLOW_MODEL", "model"), load_diffusion_model, apply_model_defaults,
+)
 
 
 class WanflowMoEModelLoader(SchemaNode):
@@ -79,40 +101,16 @@ class WanflowMoEModelLoader(SchemaNode):
         return (apply_model_defaults(combine_experts(high, low)),)
 
 
-class WanflowTextEncoderLoader(SchemaNode):
-    SCHEMA = NodeSchema(
-        node_id="WanflowTextEncoderLoader",
-        display_name="Wan Text Encoder Loader (UMT5)",
-        category=CATEGORY,
-        description="Loads a UMT5-XXL text encoder file; its tokenizer comes from the file itself.",
-        inputs=(
-            Input("text_encoder_name", "COMBO", options=lambda: list_models("text_encoders"), tooltip="file in models/text_encoders"),
-            dtype_input(),
-            device_input(),
-        ),
-        outputs=(Output("WANFLOW_TEXT_ENCODER", "text_encoder"),),
-    )
+WanflowTextEncoderLoader = single_file_loader(
+    "WanflowTextEncoderLoader", "Wan Text Encoder Loader (UMT5)",
+    "Loads a UMT5-XXL text encoder file; its tokenizer comes from the file itself.",
+    "text_encoders", "text_encoder_name", Output("WANFLOW_TEXT_ENCODER", "text_encoder"), load_text_encoder,
+)
 
-    def execute(self, text_encoder_name: str, weight_dtype: str = "auto", device: str = "auto"):
-        return (load_cached("text_encoders", text_encoder_name, weight_dtype, device, load_text_encoder),)
-
-
-class WanflowVAELoader(SchemaNode):
-    SCHEMA = NodeSchema(
-        node_id="WanflowVAELoader",
-        display_name="Wan VAE Loader",
-        category=CATEGORY,
-        description="Loads a Wan VAE file (wan_2.1_vae / wan2.2_vae).",
-        inputs=(
-            Input("vae_name", "COMBO", options=lambda: list_models("vae"), tooltip="file in models/vae"),
-            dtype_input(),
-            device_input(),
-        ),
-        outputs=(Output("WANFLOW_VAE", "vae"),),
-    )
-
-    def execute(self, vae_name: str, weight_dtype: str = "auto", device: str = "auto"):
-        return (load_cached("vae", vae_name, weight_dtype, device, load_vae),)
+WanflowVAELoader = single_file_loader(
+    "WanflowVAELoader", "Wan VAE Loader", "Loads a Wan VAE file (wan_2.1_vae / wan2.2_vae).",
+    "vae", "vae_name", Output("WANFLOW_VAE", "vae"), load_vae,
+)
 
 
 class WanflowDiffusersLoader(SchemaNode):

@@ -83,7 +83,7 @@ def _output_files(outputs: dict[str, Any]) -> list[tuple[str, str, dict[str, Any
         for media, items in (ui or {}).items():
             if media == "animated" or not isinstance(items, list):
                 continue
-            found.extend((node_id, media, item) for item in items if isinstance(item, dict))
+            found.extend((node_id, media, item) for item in items if isinstance(item, dict) and "filename" in item)
     return found
 
 
