@@ -45,8 +45,15 @@ class TinyWorkflow:
 _TEXT = {"Load Text Encoder.text_encoder_name": "text_encoder"}
 _WAN21 = {**_TEXT, "Load VAE.vae_name": "vae"}
 _CLIP = {"Load CLIP Vision.clip_name": "clip_vision"}
+_T2V = {"Load Diffusion Model.model_name": "transformer_bf16", **_WAN21}
+_TI2V = {"Load Diffusion Model.model_name": "ti2v", **_TEXT, "Load VAE.vae_name": "vae_wan22"}
 TINY_WORKFLOWS: dict[str, TinyWorkflow] = {
-    "t2v_wan21": TinyWorkflow({"Load Diffusion Model.model_name": "transformer_bf16", **_WAN21}),
+    "t2v_wan21": TinyWorkflow(_T2V),
+    "t2v_wan21_lora": TinyWorkflow({**_T2V, "LoRA.lora_name": "lora"}),
+    # The multi-GPU graphs run as they ship: 2 ranks, on gloo when there is no GPU.
+    "t2v_wan21_usp": TinyWorkflow(_T2V),
+    "t2v_wan21_usp_cfg": TinyWorkflow(_T2V),
+    "t2v_wan21_cache": TinyWorkflow(_T2V),
     "i2v_wan21": TinyWorkflow({"Load Diffusion Model.model_name": "i2v", **_CLIP, **_WAN21},
                               "Image To Video", ("Start Image",)),
     "flf2v_wan21": TinyWorkflow({"Load Diffusion Model.model_name": "flf2v", **_CLIP, **_WAN21},
@@ -56,8 +63,8 @@ TINY_WORKFLOWS: dict[str, TinyWorkflow] = {
     "i2v_wan22_a14b": TinyWorkflow({"Load Experts.high_noise_model": "i2v_high_noise",
                                     "Load Experts.low_noise_model": "i2v_low_noise", **_WAN21},
                                    "Image To Video", ("Start Image",)),
-    "ti2v_wan22_5b": TinyWorkflow({"Load Diffusion Model.model_name": "ti2v", **_TEXT, "Load VAE.vae_name": "vae_wan22"},
-                                  "Image To Video", ("Start Image",)),
+    "ti2v_wan22_5b": TinyWorkflow(_TI2V, "Image To Video", ("Start Image",)),
+    "t2v_wan22_5b": TinyWorkflow(_TI2V),
 }
 """Shipped workflow name (its file name without `.json` / `_api.json`) -> its tiny-model plan."""
 

@@ -85,8 +85,13 @@ TINY_VARIANT_CONFIGS: dict[str, dict] = {
 }
 """TinyModelPaths attribute -> transformer config."""
 
+# A rank-4 LoRA on the self-attention of the first two T2V blocks: enough to change every
+# video it touches, small enough to merge in no time.
+TINY_LORA_MODULES = tuple(f"blocks.{b}.self_attn.{p}" for b in (0, 1) for p in ("q", "k", "v", "o"))
+TINY_LORA_RANK = 4
+
 SMOKE_TEST_METADATA = {"wanflow": "tiny random smoke-test model, not for real use"}
-TINY_VERSION = 2
+TINY_VERSION = 3
 _STAMP = "wanflow-tiny.json"
 _PREFIX = "model.diffusion_model."
 
@@ -156,6 +161,9 @@ class TinyModelPaths:
     same CLIP weights) and image_processor/."""
     diffusers_a14b: Path
     """A diffusers Wan2.2 T2V A14B folder: transformer/ and transformer_2/ (the T2V experts)."""
+    lora: Path
+    """A LoRA for the T2V transformer in ComfyUI's Wan format (`diffusion_model.` keys,
+    lora_down / lora_up + alpha)."""
 
 
 def tiny_model_paths(root: Path) -> TinyModelPaths:
@@ -182,6 +190,7 @@ def tiny_model_paths(root: Path) -> TinyModelPaths:
         clip_vision=root / "clip_vision" / "tiny_clip_vision_h.safetensors",
         diffusers_i2v=root / "diffusers" / "tiny-wan21-i2v",
         diffusers_a14b=root / "diffusers" / "tiny-wan22-t2v-a14b",
+        lora=root / "loras" / "tiny_wan21_t2v_lora.safetensors",
     )
 
 
@@ -211,6 +220,7 @@ def make_tiny_models(root: Path, *, seed: int = 0) -> TinyModelPaths:
                             image_processor=clip.processor, **shared)
     _write_diffusers_folder(paths.diffusers_a14b, transformer=variants["t2v_high_noise"],
                             transformer_2=variants["t2v_low_noise"], boundary_ratio=0.875, **shared)
+    _write_lora(paths.lora, seed)
     stamp_file.write_text(json.dumps(stamp))
     log.info("wrote tiny smoke-test models under %s", paths.root)
     return paths
@@ -289,6 +299,20 @@ def _write_transformers(paths: TinyModelPaths):
         # ComfyUI's files prefix the model keys; its fp8_scaled marker sits at the top level.
         _save({(k if k == "scaled_fp8" else _PREFIX + k): v for k, v in quantized.items()}, path)
     return model
+
+
+def _write_lora(path: Path, seed: int) -> None:
+    """The tiny LoRA, from its own generator: the models above stay what earlier versions wrote."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    tensors = {}
+    for module in TINY_LORA_MODULES:
+        # down ~ 1/sqrt(dim) and up ~ 0.1 give a delta about a third of the random weights' size.
+        down = torch.randn(TINY_LORA_RANK, _DIM, generator=gen) / _DIM**0.5
+        up = torch.randn(_DIM, TINY_LORA_RANK, generator=gen) * 0.1
+        tensors[f"diffusion_model.{module}.lora_down.weight"] = down.to(torch.bfloat16)
+        tensors[f"diffusion_model.{module}.lora_up.weight"] = up.to(torch.bfloat16)
+        tensors[f"diffusion_model.{module}.alpha"] = torch.tensor(float(TINY_LORA_RANK), dtype=torch.bfloat16)
+    _save(tensors, path)
 
 
 def _train_spiece() -> bytes:

@@ -127,7 +127,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 GENERATE_FLAGS = ("model", "prompt", "negative_prompt", "width", "height", "size", "num_frames", "seconds", "fps",
-                  "steps", "guidance", "shift", "seed", "image")
+                  "steps", "guidance", "guidance_2", "boundary", "shift", "seed", "image", "end_image")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -211,7 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", "--guidance-scale", dest="guidance", type=float)
     p.add_argument("--shift", "--flow-shift", dest="shift", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--guidance-2", "--guidance-scale-2", dest="guidance_2", type=float,
+                   help="Wan2.2 A14B: guidance of the low-noise expert")
+    p.add_argument("--boundary", type=float, help="Wan2.2 A14B: expert switch point (fraction of the schedule)")
     p.add_argument("--image", help="start image in the input folder (image-to-video models)")
+    p.add_argument("--end-image", dest="end_image", help="last frame image in the input folder (FLF2V)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--perf-dump", metavar="FILE")
     _add_dirs(p)

@@ -105,7 +105,7 @@ def t2v_wan21() -> list[GraphNode]:
         GraphNode(1, "WanflowModelLoader", "Load Diffusion Model", {"model_name": "wan2.1_t2v_1.3B_fp16.safetensors"}),
         GraphNode(2, "WanflowTextEncoderLoader", "Load Text Encoder", {"text_encoder_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors"}),
         GraphNode(3, "WanflowVAELoader", "Load VAE", {"vae_name": "wan_2.1_vae.safetensors"}),
-        GraphNode(4, "WanflowTextEncode", "Prompt", {"positive": "A red fox trotting through a snowy birch forest at dawn, soft light, cinematic"}, {"text_encoder": (2, 0)}),
+        GraphNode(4, "WanflowTextEncode", "Prompt", {"positive": PROMPT_T2V}, {"text_encoder": (2, 0)}),
         GraphNode(5, "WanflowEmptyLatentVideo", "Video Size", {"width": 832, "height": 480, "length": 81}),
         GraphNode(6, "WanflowSampler", "Sampler", {"seed": 42, "steps": 30, "cfg": 6.0, "shift": 8.0},
                   {"model": (1, 0), "conditioning": (4, 0), "latent": (5, 0)}),
@@ -121,6 +121,7 @@ VAE_21 = "wan_2.1_vae.safetensors"
 START_IMAGE = "example.png"
 """ComfyUI ships input/example.png; replace it with your own first frame."""
 END_IMAGE = "end_frame.png"
+PROMPT_T2V = "A red fox trotting through a snowy birch forest at dawn, soft light, cinematic"
 PROMPT_I2V = "The woman in the picture turns towards the camera and smiles as the wind moves her hair, cinematic"
 
 
@@ -181,7 +182,7 @@ def t2v_wan22_a14b() -> list[GraphNode]:
         _experts("t2v"),
         GraphNode(2, "WanflowTextEncoderLoader", "Load Text Encoder", {"text_encoder_name": TEXT_ENCODER}),
         GraphNode(3, "WanflowVAELoader", "Load VAE", {"vae_name": VAE_21}),
-        GraphNode(4, "WanflowTextEncode", "Prompt", {"positive": "A red fox trotting through a snowy birch forest at dawn, soft light, cinematic"}, {"text_encoder": (2, 0)}),
+        GraphNode(4, "WanflowTextEncode", "Prompt", {"positive": PROMPT_T2V}, {"text_encoder": (2, 0)}),
         GraphNode(5, "WanflowEmptyLatentVideo", "Video Size", {"width": 1280, "height": 720, "length": 81}),
         *_tail(6, {"model": (1, 0), "conditioning": (4, 0), "latent": (5, 0)}, 3,
                {"steps": 40, "cfg": 4.0, "cfg_2": 3.0, "shift": 12.0, "boundary": 0.875}, "wanflow/t2v_a14b", 16),
@@ -203,13 +204,18 @@ def i2v_wan22_a14b() -> list[GraphNode]:
     ]
 
 
-def ti2v_wan22_5b() -> list[GraphNode]:
-    # Image-to-video; for text-to-video drop the image and feed the sampler a Wan Empty Latent
-    # Video with this VAE connected (48 channels).
+def _loaders_wan22_5b() -> list[GraphNode]:
     return [
         GraphNode(1, "WanflowModelLoader", "Load Diffusion Model", {"model_name": "wan2.2_ti2v_5B_fp16.safetensors"}),
         GraphNode(2, "WanflowTextEncoderLoader", "Load Text Encoder", {"text_encoder_name": TEXT_ENCODER}),
         GraphNode(3, "WanflowVAELoader", "Load VAE", {"vae_name": "wan2.2_vae.safetensors"}),
+    ]
+
+
+def ti2v_wan22_5b() -> list[GraphNode]:
+    # Image-to-video; text-to-video with the same model is t2v_wan22_5b.
+    return [
+        *_loaders_wan22_5b(),
         GraphNode(4, "LoadImage", "Start Image", {"image": START_IMAGE}),
         GraphNode(5, "WanflowTextEncode", "Prompt", {"positive": PROMPT_I2V}, {"text_encoder": (2, 0)}),
         GraphNode(6, "WanflowImageToVideo", "Image To Video", {"width": 1280, "height": 704, "length": 121},
@@ -219,13 +225,67 @@ def ti2v_wan22_5b() -> list[GraphNode]:
     ]
 
 
+def t2v_wan22_5b() -> list[GraphNode]:
+    # TI2V-5B without an image: its empty latent takes the Wan2.2 VAE's 48 channels.
+    return [
+        *_loaders_wan22_5b(),
+        GraphNode(4, "WanflowTextEncode", "Prompt", {"positive": PROMPT_T2V}, {"text_encoder": (2, 0)}),
+        GraphNode(5, "WanflowEmptyLatentVideo", "Video Size", {"width": 1280, "height": 704, "length": 121},
+                  {"vae": (3, 0)}),
+        *_tail(6, {"model": (1, 0), "conditioning": (4, 0), "latent": (5, 0)}, 3,
+               {"steps": 50, "cfg": 5.0, "shift": 5.0}, "wanflow/t2v_5b", 24),
+    ]
+
+
+# A placeholder: pick one of your LoRAs (models/loras) in the node.
+LORA_21 = "my_wan2.1_t2v_1.3B_lora.safetensors"
+
+
+def _t2v_wan21_with(node_type: str, title: str, widgets: dict[str, Any], prefix: str) -> list[GraphNode]:
+    """The Wan2.1 T2V graph with one model -> model node (LoRA, multi-GPU, cache) between the
+    loader and the sampler; the other nodes keep their ids and titles."""
+    loader, *rest = t2v_wan21()
+    patch = GraphNode(9, node_type, title, widgets, {"model": (loader.id, 0)})
+    for node in rest:
+        if node.type == "WanflowSampler":
+            node.links["model"] = (patch.id, 0)
+        if node.type == "WanflowSaveVideo":
+            node.widgets["filename_prefix"] = prefix
+    return [loader, patch, *rest]
+
+
+def t2v_wan21_lora() -> list[GraphNode]:
+    return _t2v_wan21_with("WanflowLoRA", "LoRA", {"lora_name": LORA_21, "strength": 1.0}, "wanflow/t2v_lora")
+
+
+def t2v_wan21_usp() -> list[GraphNode]:
+    # Two GPUs share the video's tokens (Ulysses); 1.3B's 12 heads split evenly.
+    return _t2v_wan21_with("WanflowParallelConfig", "Multi-GPU", {"gpus": 2, "ulysses_degree": 2},
+                           "wanflow/t2v_usp")
+
+
+def t2v_wan21_usp_cfg() -> list[GraphNode]:
+    # Two GPUs run the cond and the uncond pass of each step at once (no token split).
+    return _t2v_wan21_with("WanflowParallelConfig", "Multi-GPU",
+                           {"gpus": 2, "ulysses_degree": 1, "cfg_parallel": True}, "wanflow/t2v_usp_cfg")
+
+
+def t2v_wan21_cache() -> list[GraphNode]:
+    return _t2v_wan21_with("WanflowCacheDiT", "Cache-DiT", {"enabled": True}, "wanflow/t2v_cache")
+
+
 WORKFLOWS = {
     "t2v_wan21": t2v_wan21,
+    "t2v_wan21_lora": t2v_wan21_lora,
+    "t2v_wan21_usp": t2v_wan21_usp,
+    "t2v_wan21_usp_cfg": t2v_wan21_usp_cfg,
+    "t2v_wan21_cache": t2v_wan21_cache,
     "i2v_wan21": i2v_wan21,
     "flf2v_wan21": flf2v_wan21,
     "t2v_wan22_a14b": t2v_wan22_a14b,
     "i2v_wan22_a14b": i2v_wan22_a14b,
     "ti2v_wan22_5b": ti2v_wan22_5b,
+    "t2v_wan22_5b": t2v_wan22_5b,
 }
 
 

@@ -135,6 +135,25 @@ def test_input_reference_on_a_text_to_video_model_is_refused(client, healthy):
     assert info.value.body["param"] == "image"
 
 
+def test_input_reference_starts_an_image_to_video_model(server, client, tmp_path, healthy):
+    start = tmp_path / "start.png"
+    Image.new("RGB", (80, 96), (200, 40, 40)).save(start)
+    with open(start, "rb") as image:
+        video = client.videos.create_and_poll(model="tiny-wan2.1-i2v", prompt="the fox turns", input_reference=image,
+                                              **TINY)
+    assert video.status == "completed", video.error
+    (loaded,) = [n["inputs"]["image"] for n in server.server.store.get(video.id).prompt.values()
+                 if n["class_type"] == "LoadImage"]
+    assert (io_dirs.input_dir() / loaded).read_bytes() == start.read_bytes()
+    assert _frames(client.videos.download_content(video.id).content, tmp_path).shape[:3] == (5, 64, 64)
+
+
+def test_an_image_to_video_model_without_input_reference_is_refused(client, healthy):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.videos.create(model="tiny-wan2.1-i2v", prompt="x")
+    assert info.value.body["param"] == "image" and "start image" in info.value.body["message"]
+
+
 def test_non_json_body_gets_openai_error_shape(server, healthy):
     response = requests.post(f"{server.url}/v1/videos", data=b"{oops", headers={"Content-Type": "application/json"},
                              timeout=10)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -9,21 +10,31 @@ import yaml
 
 from wanflow.nodes import node_registry
 from wanflow.runtime import io_dirs, paths
+from wanflow.runtime.demo import write_tiny_images
 from wanflow.runtime.errors import InputValueError
 from wanflow.runtime.media import read_video_frames
+from wanflow.runtime.models import VARIANTS
 from wanflow.runtime.workflow.executor import Executor
+from wanflow.runtime.workflow.run import output_files
 from wanflow.runtime.workflow.templates import (
+    MODELS,
+    TEMPLATES,
     GenerationRequest,
     RequestLora,
     build_prompt,
+    find_node,
     frames_for,
     generate,
     load_generation_config,
     load_template,
+    model_entry,
 )
 from wanflow.runtime.workflow.validate import validate_prompt
 
 TINY = "tiny-wan2.1-t2v"
+TINY_MODELS = sorted(m for m in MODELS if m.startswith("tiny-"))
+START, END = "wanflow_tiny_start.png", "wanflow_tiny_end.png"
+"""The images `write_tiny_images` puts in the input folder."""
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +115,85 @@ def test_unknown_model_lists_the_known_ones(registry):
         build_prompt(GenerationRequest(model="sora-2", prompt="x"), registry=registry)
 
 
-def test_start_image_on_a_text_to_video_template_is_refused(registry):
-    with pytest.raises(InputValueError, match="no place for 'image'"):
+def test_start_image_on_a_text_to_video_model_is_refused(registry):
+    with pytest.raises(InputValueError, match="'tiny-wan2.1-t2v' is text-to-video; remove input_reference") as info:
         build_prompt(GenerationRequest(model=TINY, prompt="x", image="start.png"), registry=registry)
+    assert info.value.key == "image"
+
+
+@pytest.mark.parametrize("model", ["tiny-wan2.1-i2v", "tiny-wan2.2-i2v-a14b", "wan2.1-flf2v-14b-720p"])
+def test_an_image_to_video_model_without_a_start_image_is_refused(registry, model):
+    with pytest.raises(InputValueError, match=f"'{re.escape(model)}' is [a-z-]+: give it a start image") as info:
+        build_prompt(GenerationRequest(model=model, prompt="x"), registry=registry)
+    assert info.value.key == "image"
+
+
+def test_a_first_last_frame_model_without_an_end_image_is_refused(registry):
+    with pytest.raises(InputValueError, match="give it an end image too") as info:
+        build_prompt(GenerationRequest(model="tiny-wan2.1-flf2v", prompt="x", image=START), registry=registry)
+    assert info.value.key == "end_image"
+
+
+def test_an_end_image_on_a_start_image_model_is_refused(registry):
+    with pytest.raises(InputValueError, match="takes no end image"):
+        build_prompt(GenerationRequest(model="tiny-wan2.1-i2v", prompt="x", image=START, end_image=END),
+                     registry=registry)
+
+
+def test_the_start_image_lands_in_the_templates_load_image(registry):
+    prompt = build_prompt(GenerationRequest.from_dict({"model": "tiny-wan2.1-i2v", "prompt": "x",
+                                                       "input_reference": START}), registry=registry)
+    assert _by_title(prompt, "Start Image")["image"] == START
+
+
+def test_ti2v_without_an_image_runs_its_text_to_video_graph(registry):
+    model = "tiny-wan2.2-ti2v-5b"
+    with_image = build_prompt(GenerationRequest(model=model, prompt="x", image=START), registry=registry)
+    text_only = build_prompt(GenerationRequest(model=model, prompt="x"), registry=registry)
+    assert _by_title(with_image, "Start Image")["image"] == START
+    assert "LoadImage" not in {n["class_type"] for n in text_only.values()}
+    assert _by_title(text_only, "Load Diffusion Model")["model_name"] == \
+        _by_title(with_image, "Load Diffusion Model")["model_name"]
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_every_model_maps_onto_a_shipped_template(model):
+    entry = MODELS[model]
+    for name in filter(None, (entry.template, entry.text_template)):
+        template, prompt = TEMPLATES[name], load_template(name)
+        assert set(entry.files) <= set(template.fields)
+        for field_name, (ref, input_name) in template.fields.items():
+            node = prompt[find_node(prompt, ref, name)]
+            assert input_name in node["inputs"], f"{name}: {field_name} -> {ref}.{input_name}"
+
+
+@pytest.mark.parametrize("model", ["wan2.2-t2v-a14b", "tiny-wan2.2-i2v-a14b"])
+def test_expert_models_get_their_variants_guidance_2_and_boundary(registry, model):
+    variant = VARIANTS[model_entry(model).variant]
+    prompt = build_prompt(GenerationRequest(model=model, prompt="x", **_images_for(model)), registry=registry)
+    sampler = _by_title(prompt, "Sampler")
+    assert (sampler["cfg"], sampler["cfg_2"], sampler["boundary"]) == \
+        (variant.default_guidance, variant.default_guidance_2, variant.boundary_ratio)
+
+
+def test_release_defaults_are_the_variants(registry):
+    prompt = build_prompt(GenerationRequest(model="wan2.2-ti2v-5b", prompt="x"), registry=registry)
+    variant = VARIANTS["wan2.2-ti2v-5b"]
+    size = _by_title(prompt, "Video Size")
+    assert (size["width"], size["height"], size["length"]) == \
+        (variant.default_width, variant.default_height, variant.default_frames)
+    assert _by_title(prompt, "Sampler")["steps"] == variant.default_steps
+    assert _by_title(prompt, "Save Video")["fps"] == variant.default_fps
+
+
+def test_hugging_face_names_are_aliases_in_any_case():
+    assert model_entry("Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers") is MODELS["wan2.1-flf2v-14b-720p"]
+    assert model_entry("Wan-AI/Wan2.2-I2V-A14B-Diffusers") is MODELS["wan2.2-i2v-a14b"]
+
+
+def test_ti2v_sizes_must_be_multiples_of_32(registry):
+    with pytest.raises(InputValueError, match="width 48 is not a multiple of 32"):
+        build_prompt(GenerationRequest(model="tiny-wan2.2-ti2v-5b", prompt="x", width=48), registry=registry)
 
 
 def test_cache_inserts_the_cache_node_before_the_sampler(registry, tiny_env):
@@ -150,10 +237,32 @@ def test_flags_override_the_config_file(tmp_path):
     assert (request.prompt, request.steps) == ("from flag", 4)
 
 
+def _images_for(model: str) -> dict[str, str]:
+    """The images the tiny model's template takes."""
+    fields = TEMPLATES[MODELS[model].template].fields
+    return {k: v for k, v in (("image", START), ("end_image", END)) if k in fields}
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+def test_every_tiny_model_generates_a_video(registry, tiny_env, model):
+    write_tiny_images(io_dirs.input_dir())
+    request = GenerationRequest(model=model, prompt="a red fox", seed=3, **_images_for(model))
+    result = generate(request, registry=registry, executor=Executor(registry))
+    assert result.status == "success", result.error
+    defaults = MODELS[model].defaults
+    assert _frames(result).shape[:3] == (defaults["num_frames"], defaults["height"], defaults["width"])
+
+
+def test_ti2v_generates_a_video_from_text_alone(registry, tiny_env):
+    result = generate(GenerationRequest(model="tiny-wan2.2-ti2v-5b", prompt="a red fox", seed=3), registry=registry,
+                      executor=Executor(registry))
+    assert result.status == "success", result.error
+    assert _frames(result).shape[0] == MODELS["tiny-wan2.2-ti2v-5b"].defaults["num_frames"]
+
+
 def _frames(result) -> np.ndarray:
-    (ui,) = result.outputs.values()
-    item = ui["images"][0]
-    return read_video_frames(io_dirs.output_dir() / item["subfolder"] / item["filename"]).numpy()
+    (video,) = output_files(result)
+    return read_video_frames(video).numpy()
 
 
 def test_generate_from_flags_and_yaml_matches_the_template_run_by_hand(registry, tiny_env):

@@ -171,7 +171,7 @@ class WanflowServer:
         # Loading = running the template's loader nodes: their outputs land in the executor's
         # and the model cache, exactly where the first real job will look for them.
         prompt = build_prompt(GenerationRequest(model=model, prompt=""), workflows_dir=self.options.workflows_dir,
-                              registry=self.registry)
+                              registry=self.registry, require_images=False)
         for node in prompt.values():
             cls = self.registry.get(node["class_type"])
             if cls.SCHEMA.category.endswith("/loaders"):

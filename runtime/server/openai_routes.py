@@ -47,12 +47,15 @@ def _fail(status: int, message: str, param: str | None = None, code: str | None 
 
 
 def _save_reference(data: bytes, extension: str, video_id: str) -> str:
-    """Store an input_reference image in the input folder; the name LoadImage will take."""
-    name = f"{video_id}{extension}"
-    path = confined_path(io_dirs.input_dir(), "openai", name)
+    """Store an input_reference image in the input folder; the name LoadImage will take.
+
+    Directly in the folder, not a sub-folder: LoadImage's choices (what validation accepts)
+    are the images there, as in ComfyUI."""
+    name = f"openai_{video_id}{extension}"
+    path = confined_path(io_dirs.input_dir(), "", name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    return f"openai/{name}"
+    return name
 
 
 def _data_url(value: str, video_id: str) -> str:

@@ -21,7 +21,9 @@ import yaml
 from ..paths import workflows_dir as shipped_workflows_dir
 from ..errors import InputValueError, WanflowError
 from ..paths import list_models
+from ..models.variants import VARIANTS
 from ..schema import NodeRegistry
+from ..tiny import tiny_model_paths
 from .events import ExecutionListener
 from .executor import ExecutionResult, Executor
 
@@ -55,11 +57,18 @@ class GenerationRequest:
     fps: int | None = None
     steps: int | None = None
     guidance: float | None = None
+    """Classifier-free guidance (Wan2.2 A14B: of the high-noise expert)."""
+    guidance_2: float | None = None
+    """Wan2.2 A14B: guidance of the low-noise expert."""
+    boundary: float | None = None
+    """Wan2.2 A14B: the high-noise expert runs while t >= boundary x 1000."""
     shift: float | None = None
     seed: int | None = None
     """None: a random seed (the built prompt records which)."""
     image: str | None = None
-    """Start image (I2V), a file in the input folder."""
+    """Start image (image-to-video models), a file in the input folder."""
+    end_image: str | None = None
+    """End image (first-last-frame models), a file in the input folder."""
     loras: tuple[RequestLora, ...] = ()
     cache: bool | Mapping[str, Any] | None = None
     """Cache-DiT: True for the defaults, or the cache node's inputs (fn, warmup_steps, ...)."""
@@ -107,12 +116,16 @@ ALIASES = {
     "start_image": "image",
     "image_path": "image",
     "input_reference": "image",
+    "last_image": "end_image",
+    "guidance_scale_2": "guidance_2",
+    "cfg_2": "guidance_2",
+    "boundary_ratio": "boundary",
     "lora": "loras",
 }
 
 _INTS = {"width", "height", "num_frames", "fps", "steps", "seed"}
-_FLOATS = {"seconds", "guidance", "shift"}
-_STRINGS = {"model", "prompt", "negative_prompt", "size", "image"}
+_FLOATS = {"seconds", "guidance", "guidance_2", "boundary", "shift"}
+_STRINGS = {"model", "prompt", "negative_prompt", "size", "image", "end_image"}
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -209,9 +222,9 @@ class Template:
     """workflows/<name>_api.json"""
     fields: Mapping[str, tuple[str, str]]
     """request field -> (node title or id, input name)."""
-    model_input: tuple[str, str]
+    model_input: tuple[str, str] = ("Sampler", "model")
     """Where the model reaches the sampler: model patches (cache, LoRA) are inserted on this link."""
-    save_node: str
+    save_node: str = "Save Video"
     """The node that writes the video (swapped for an image saver for one-frame requests)."""
 
 
@@ -219,73 +232,196 @@ class Template:
 class ModelEntry:
     template: str
     files: Mapping[str, str]
-    """template field (model_file, text_encoder_file, vae_file) -> file name in the models dir."""
+    """template field (model_file, text_encoder_file, ...) -> file name in the models dir."""
+    variant: str
+    """Its `runtime.models.VARIANTS` name: what it generates, its size step."""
     defaults: Mapping[str, Any]
     description: str = ""
+    text_template: str | None = None
+    """The template for requests without a start image, for models that take one or none (TI2V)."""
 
 
-TEMPLATES: dict[str, Template] = {
-    "t2v_wan21": Template(
-        name="t2v_wan21",
-        fields={
-            "prompt": ("Prompt", "positive"),
-            "negative_prompt": ("Prompt", "negative"),
-            "width": ("Video Size", "width"),
-            "height": ("Video Size", "height"),
-            "num_frames": ("Video Size", "length"),
-            "seed": ("Sampler", "seed"),
-            "steps": ("Sampler", "steps"),
-            "guidance": ("Sampler", "cfg"),
-            "shift": ("Sampler", "shift"),
-            "fps": ("Save Video", "fps"),
-            "filename_prefix": ("Save Video", "filename_prefix"),
-            "model_file": ("Load Diffusion Model", "model_name"),
-            "text_encoder_file": ("Load Text Encoder", "text_encoder_name"),
-            "vae_file": ("Load VAE", "vae_name"),
-        },
-        model_input=("Sampler", "model"),
-        save_node="Save Video",
-    ),
+# Field groups the templates are made of; node titles are the shipped workflows' (make_workflows).
+_COMMON = {
+    "prompt": ("Prompt", "positive"),
+    "negative_prompt": ("Prompt", "negative"),
+    "seed": ("Sampler", "seed"),
+    "steps": ("Sampler", "steps"),
+    "guidance": ("Sampler", "cfg"),
+    "shift": ("Sampler", "shift"),
+    "fps": ("Save Video", "fps"),
+    "filename_prefix": ("Save Video", "filename_prefix"),
+    "text_encoder_file": ("Load Text Encoder", "text_encoder_name"),
+    "vae_file": ("Load VAE", "vae_name"),
 }
+_ONE_MODEL = {"model_file": ("Load Diffusion Model", "model_name")}
+_EXPERTS = {
+    "high_noise_file": ("Load Experts", "high_noise_model"),
+    "low_noise_file": ("Load Experts", "low_noise_model"),
+    "guidance_2": ("Sampler", "cfg_2"),
+    "boundary": ("Sampler", "boundary"),
+}
+_CLIP_VISION = {"clip_vision_file": ("Load CLIP Vision", "clip_name")}
+_START = {"image": ("Start Image", "image")}
+_END = {"end_image": ("End Image", "image")}
 
-_WAN21_FILES = {"text_encoder_file": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae_file": "wan_2.1_vae.safetensors"}
-# Official Wan2.1 T2V sampling settings (FACTS §3); shift 8 is the 480p suggestion for 1.3B.
-_WAN21_T2V_DEFAULTS = {"width": 832, "height": 480, "num_frames": 81, "fps": 16, "steps": 50, "guidance": 5.0, "shift": 5.0}
 
+def _template(name: str, *groups: Mapping[str, tuple[str, str]], size_node: str = "Video Size") -> Template:
+    size = {"width": (size_node, "width"), "height": (size_node, "height"), "num_frames": (size_node, "length")}
+    fields = {**_COMMON, **size}
+    for group in groups:
+        fields |= group
+    return Template(name, fields)
+
+
+TEMPLATES: dict[str, Template] = {t.name: t for t in (
+    _template("t2v_wan21", _ONE_MODEL),
+    _template("i2v_wan21", _ONE_MODEL, _CLIP_VISION, _START, size_node="Image To Video"),
+    _template("flf2v_wan21", _ONE_MODEL, _CLIP_VISION, _START, _END, size_node="Image To Video"),
+    _template("t2v_wan22_a14b", _EXPERTS),
+    _template("i2v_wan22_a14b", _EXPERTS, _START, size_node="Image To Video"),
+    _template("ti2v_wan22_5b", _ONE_MODEL, _START, size_node="Image To Video"),
+    _template("t2v_wan22_5b", _ONE_MODEL),
+)}
+
+
+def _defaults(variant: str, **changes: Any) -> dict[str, Any]:
+    """The variant's official sampling settings (FACTS §3, `runtime.models.VARIANTS`), changed."""
+    v = VARIANTS[variant]
+    defaults: dict[str, Any] = {
+        "width": v.default_width, "height": v.default_height, "num_frames": v.default_frames,
+        "fps": v.default_fps, "steps": v.default_steps, "guidance": v.default_guidance, "shift": v.default_shift,
+    }
+    if v.is_moe:
+        defaults |= {"guidance_2": v.default_guidance_2, "boundary": v.boundary_ratio}
+    return {**defaults, **changes}
+
+
+def _entry(template: str, variant: str, files: Mapping[str, str], description: str, *,
+           text_template: str | None = None, **default_changes: Any) -> ModelEntry:
+    return ModelEntry(template, dict(files), variant, _defaults(variant, **default_changes), description,
+                      text_template)
+
+
+_TEXT_ENCODER = {"text_encoder_file": "umt5_xxl_fp8_e4m3fn_scaled.safetensors"}
+_WAN21_FILES = {**_TEXT_ENCODER, "vae_file": "wan_2.1_vae.safetensors"}
+_CLIP_FILE = {"clip_vision_file": "clip_vision_h.safetensors"}
+
+
+def _expert_files(kind: str) -> dict[str, str]:
+    return {"high_noise_file": f"wan2.2_{kind}_high_noise_14B_fp8_scaled.safetensors",
+            "low_noise_file": f"wan2.2_{kind}_low_noise_14B_fp8_scaled.safetensors", **_WAN21_FILES}
+
+
+# File names are ComfyUI's repackaged releases (FACTS §1), as in the shipped workflows.
 MODELS: dict[str, ModelEntry] = {
-    "wan2.1-t2v-1.3b": ModelEntry(
-        "t2v_wan21", {"model_file": "wan2.1_t2v_1.3B_fp16.safetensors", **_WAN21_FILES},
-        {**_WAN21_T2V_DEFAULTS, "shift": 8.0}, "Wan2.1 text-to-video 1.3B (480p)",
-    ),
-    "wan2.1-t2v-14b": ModelEntry(
-        "t2v_wan21", {"model_file": "wan2.1_t2v_14B_bf16.safetensors", **_WAN21_FILES},
-        {**_WAN21_T2V_DEFAULTS, "width": 1280, "height": 720}, "Wan2.1 text-to-video 14B (720p)",
-    ),
-}
-# The smoke-test models `runtime.tiny.make_tiny_models` writes: tests, CI and the demo run the
-# whole server on them.
-MODELS["tiny-wan2.1-t2v"] = ModelEntry(
-    "t2v_wan21",
-    {"model_file": "tiny_wan21_t2v_bf16.safetensors", "text_encoder_file": "tiny_umt5_bf16.safetensors",
-     "vae_file": "tiny_wan21_vae.safetensors"},
-    {"width": 64, "height": 64, "num_frames": 5, "fps": 8, "steps": 2, "guidance": 5.0, "shift": 5.0},
-    "random tiny Wan2.1 T2V (smoke tests; output is noise)",
-)
-MODEL_ALIASES = {
-    "Wan-AI/Wan2.1-T2V-1.3B": "wan2.1-t2v-1.3b",
-    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan2.1-t2v-1.3b",
-    "Wan-AI/Wan2.1-T2V-14B": "wan2.1-t2v-14b",
-    "Wan-AI/Wan2.1-T2V-14B-Diffusers": "wan2.1-t2v-14b",
+    # shift 8 is the official suggestion for 1.3B at 480p.
+    "wan2.1-t2v-1.3b": _entry("t2v_wan21", "wan2.1-t2v-1.3b",
+                              {"model_file": "wan2.1_t2v_1.3B_fp16.safetensors", **_WAN21_FILES},
+                              "Wan2.1 text-to-video 1.3B (480p)", shift=8.0),
+    "wan2.1-t2v-14b": _entry("t2v_wan21", "wan2.1-t2v-14b",
+                             {"model_file": "wan2.1_t2v_14B_bf16.safetensors", **_WAN21_FILES},
+                             "Wan2.1 text-to-video 14B (720p)"),
+    "wan2.1-i2v-14b-480p": _entry("i2v_wan21", "wan2.1-i2v-14b",
+                                  {"model_file": "wan2.1_i2v_480p_14B_fp16.safetensors", **_CLIP_FILE, **_WAN21_FILES},
+                                  "Wan2.1 image-to-video 14B (480p)"),
+    # The 720p release is sampled with the shift the official repo uses above 480p.
+    "wan2.1-i2v-14b-720p": _entry("i2v_wan21", "wan2.1-i2v-14b",
+                                  {"model_file": "wan2.1_i2v_720p_14B_fp16.safetensors", **_CLIP_FILE, **_WAN21_FILES},
+                                  "Wan2.1 image-to-video 14B (720p)", width=1280, height=720, shift=5.0),
+    "wan2.1-flf2v-14b-720p": _entry("flf2v_wan21", "wan2.1-flf2v-14b",
+                                    {"model_file": "wan2.1_flf2v_720p_14B_fp16.safetensors", **_CLIP_FILE,
+                                     **_WAN21_FILES},
+                                    "Wan2.1 first-last-frame-to-video 14B (720p)"),
+    "wan2.2-t2v-a14b": _entry("t2v_wan22_a14b", "wan2.2-t2v-a14b", _expert_files("t2v"),
+                              "Wan2.2 text-to-video A14B (two experts, 720p)"),
+    "wan2.2-i2v-a14b": _entry("i2v_wan22_a14b", "wan2.2-i2v-a14b", _expert_files("i2v"),
+                              "Wan2.2 image-to-video A14B (two experts, 720p)"),
+    "wan2.2-ti2v-5b": _entry("ti2v_wan22_5b", "wan2.2-ti2v-5b",
+                             {"model_file": "wan2.2_ti2v_5B_fp16.safetensors", **_TEXT_ENCODER,
+                              "vae_file": "wan2.2_vae.safetensors"},
+                             "Wan2.2 text/image-to-video 5B (720p; the start image is optional)",
+                             text_template="t2v_wan22_5b"),
 }
 
-_FILE_FOLDERS = {"model_file": "diffusion_models", "text_encoder_file": "text_encoders", "vae_file": "vae"}
+# The smoke-test models `runtime.tiny.make_tiny_models` writes (tests, CI and the demo run the
+# whole server on them): each release's template and defaults, tiny files, a tiny video.
+_TINY = tiny_model_paths(Path("."))
+_TINY_VIDEO = {"width": 64, "height": 64, "num_frames": 5, "fps": 8, "steps": 2}
+_TINY_WAN21 = {"text_encoder_file": _TINY.text_encoder.name, "vae_file": _TINY.vae.name}
+_TINY_CLIP = {"clip_vision_file": _TINY.clip_vision.name}
+_TINY_MODELS = {
+    "tiny-wan2.1-t2v": ("wan2.1-t2v-1.3b", {"model_file": _TINY.transformer_bf16.name, **_TINY_WAN21}),
+    "tiny-wan2.1-i2v": ("wan2.1-i2v-14b-480p", {"model_file": _TINY.i2v.name, **_TINY_CLIP, **_TINY_WAN21}),
+    "tiny-wan2.1-flf2v": ("wan2.1-flf2v-14b-720p", {"model_file": _TINY.flf2v.name, **_TINY_CLIP, **_TINY_WAN21}),
+    "tiny-wan2.2-t2v-a14b": ("wan2.2-t2v-a14b", {"high_noise_file": _TINY.t2v_high_noise.name,
+                                                 "low_noise_file": _TINY.t2v_low_noise.name, **_TINY_WAN21}),
+    "tiny-wan2.2-i2v-a14b": ("wan2.2-i2v-a14b", {"high_noise_file": _TINY.i2v_high_noise.name,
+                                                 "low_noise_file": _TINY.i2v_low_noise.name, **_TINY_WAN21}),
+    "tiny-wan2.2-ti2v-5b": ("wan2.2-ti2v-5b", {"model_file": _TINY.ti2v.name, "vae_file": _TINY.vae_wan22.name,
+                                               "text_encoder_file": _TINY.text_encoder.name}),
+}
+"""Tiny model name -> (the release whose template and defaults it takes, its files)."""
+
+
+def _tiny_entry(release: str, files: Mapping[str, str]) -> ModelEntry:
+    real = MODELS[release]
+    return _entry(real.template, real.variant, files, f"random tiny {release} (smoke tests; output is noise)",
+                  text_template=real.text_template, **_TINY_VIDEO)
+
+
+MODELS |= {name: _tiny_entry(release, files) for name, (release, files) in _TINY_MODELS.items()}
+
+# Hugging Face repository names (original and -Diffusers layout); matched ignoring case.
+_HUB_NAMES = {
+    "Wan-AI/Wan2.1-T2V-1.3B": "wan2.1-t2v-1.3b",
+    "Wan-AI/Wan2.1-T2V-14B": "wan2.1-t2v-14b",
+    "Wan-AI/Wan2.1-I2V-14B-480P": "wan2.1-i2v-14b-480p",
+    "Wan-AI/Wan2.1-I2V-14B-720P": "wan2.1-i2v-14b-720p",
+    "Wan-AI/Wan2.1-FLF2V-14B-720P": "wan2.1-flf2v-14b-720p",
+    "Wan-AI/Wan2.2-T2V-A14B": "wan2.2-t2v-a14b",
+    "Wan-AI/Wan2.2-I2V-A14B": "wan2.2-i2v-a14b",
+    "Wan-AI/Wan2.2-TI2V-5B": "wan2.2-ti2v-5b",
+}
+MODEL_ALIASES = {alias: key for hub, key in _HUB_NAMES.items() for alias in (hub, f"{hub}-Diffusers")}
+
+_FILE_FOLDERS = {"model_file": "diffusion_models", "high_noise_file": "diffusion_models",
+                 "low_noise_file": "diffusion_models", "text_encoder_file": "text_encoders", "vae_file": "vae",
+                 "clip_vision_file": "clip_vision"}
+_KINDS = {"t2v": "text-to-video", "i2v": "image-to-video", "flf2v": "first-last-frame-to-video",
+          "ti2v": "text/image-to-video"}
 
 
 def model_entry(name: str) -> ModelEntry:
-    key = MODEL_ALIASES.get(name, name)
+    """The entry of a model name or alias (aliases ignore case: hub names are written both ways)."""
+    folded = {alias.lower(): key for alias, key in MODEL_ALIASES.items()}
+    key = name if name in MODELS else folded.get(name.lower(), name)
     if key not in MODELS:
         raise InputValueError(f"unknown model '{name}' (known: {', '.join(sorted(MODELS))})", key="model")
     return MODELS[key]
+
+
+def template_for(request: GenerationRequest, entry: ModelEntry) -> Template:
+    """The request's template: the model's, or its text-only one when no start image is given."""
+    if request.image is None and entry.text_template is not None:
+        return TEMPLATES[entry.text_template]
+    return TEMPLATES[entry.template]
+
+
+def check_images(request: GenerationRequest, entry: ModelEntry, template: Template, *, required: bool = True) -> None:
+    """Images the model cannot take are refused; with `required`, so are missing ones it needs."""
+    kind = _KINDS[VARIANTS[entry.variant].family]
+    if request.image is not None and "image" not in template.fields:
+        raise InputValueError(f"model '{request.model}' is {kind}; remove input_reference (the start image)",
+                              key="image")
+    if request.end_image is not None and "end_image" not in template.fields:
+        raise InputValueError(f"model '{request.model}' takes no end image; remove end_image", key="end_image")
+    if required and request.image is None and "image" in template.fields:
+        raise InputValueError(f"model '{request.model}' is {kind}: give it a start image (input_reference, "
+                              "or image: a file in the input folder)", key="image")
+    if required and request.end_image is None and "end_image" in template.fields:
+        raise InputValueError(f"model '{request.model}' is {kind}: give it an end image too (end_image: a file "
+                              "in the input folder)", key="end_image")
 
 
 def model_available(name: str) -> bool:
@@ -346,11 +482,16 @@ def resolve_values(request: GenerationRequest, entry: ModelEntry) -> dict[str, A
         "seed": request.seed if request.seed is not None else random.randint(0, MAX_SEED),
         **entry.files,
     }
-    if request.negative_prompt is not None:
-        values["negative_prompt"] = request.negative_prompt
+    # Only the fields the request or the model has: the rest keep the template's value.
+    for name in ("negative_prompt", "guidance_2", "boundary", "image", "end_image"):
+        value = getattr(request, name)
+        value = d.get(name) if value is None else value
+        if value is not None:
+            values[name] = value
+    step = VARIANTS[entry.variant].size_multiple
     for key in ("width", "height"):
-        if values[key] % 16:
-            raise InputValueError(f"{key} {values[key]} is not a multiple of 16", key=key)
+        if values[key] % step:
+            raise InputValueError(f"{key} {values[key]} is not a multiple of {step}", key=key)
     if (values["num_frames"] - 1) % 4:
         raise InputValueError(f"num_frames {values['num_frames']} is not 4n+1 (e.g. 81)", key="num_frames")
     return values
@@ -398,25 +539,27 @@ def build_prompt(
     workflows_dir: Path | None = None,
     default_loras: Sequence[RequestLora] = (),
     lora_nicknames: Mapping[str, str] | None = None,
+    require_images: bool = True,
 ) -> dict[str, Any]:
     """The API-format prompt for `request`: its model's template with the request's values.
 
     `registry` supplies the defaults of nodes inserted for loras / cache / parallel.
     `default_loras` apply when the request names none (the server's /v1/set_lora stack).
     output="image" makes a one-frame still saved as PNG (the OpenAI images endpoint).
+    require_images=False keeps the template's own image names where the request gives none
+    (preloading a model runs only the loaders).
     """
     if output not in ("video", "image"):
         raise InputValueError(f"output must be 'video' or 'image', got '{output}'", key="output")
     entry = model_entry(request.model)
-    template = TEMPLATES[entry.template]
+    template = template_for(request, entry)
+    check_images(request, entry, template, required=require_images)
     prompt = copy.deepcopy(load_template(template.name, workflows_dir))
     if output == "image":
         request = replace(request, num_frames=1, seconds=None)
     values = resolve_values(request, entry)
     if filename_prefix is not None:
         values["filename_prefix"] = filename_prefix
-    if request.image is not None:
-        values["image"] = request.image
     for name, value in values.items():
         if not (name == "fps" and output == "image"):
             _set(prompt, template, name, value)
