@@ -100,7 +100,11 @@ def write_tiny_images(folder: Path) -> list[Path]:
     return written
 
 
+def demo_workflow() -> Path:
+    return workflows_dir() / "t2v_wan21.json"
+
+
 def run_demo(registry: NodeRegistry, models_dir: Path, listener: ExecutionListener | None = None) -> RunSummary:
     log.info("making tiny smoke-test models in %s (skipped when present)", models_dir)
     tiny = make_tiny_models(models_dir)
-    return run_workflow(workflows_dir() / "t2v_wan21.json", registry, overrides=tiny_overrides(tiny), listener=listener)
+    return run_workflow(demo_workflow(), registry, overrides=tiny_overrides(tiny), listener=listener)

@@ -115,11 +115,14 @@ def cmd_make_tiny_models(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..nodes import node_registry
-    from ..runtime.demo import run_demo
+    from ..runtime.demo import demo_workflow, run_demo
+    from ..runtime.workflow.run import load_prompt
     from .progress_bar import TqdmListener
 
     _apply_dirs(args)
-    summary = run_demo(node_registry(), models_dir=paths.models_dir(), listener=TqdmListener({}))
+    registry = node_registry()
+    titles = _titles(load_prompt(demo_workflow(), registry)[0])
+    summary = run_demo(registry, models_dir=paths.models_dir(), listener=TqdmListener(titles))
     for f in summary.files:
         _out(f"wrote {f}")
     _out("(rendered with tiny random smoke-test models: the video is noise by design; point --models at real Wan files for real videos)")
