@@ -169,21 +169,6 @@ def test_caching_off_is_bit_identical_even_after_a_cached_job(make_model, denois
     assert not hasattr(model.transformer, "_context_manager")
 
 
-def test_several_ranks_run_uncached_with_a_warning(make_model, denoise, monkeypatch, caplog):
-    reference, _ = denoise(make_model(), 12)
-    model = make_model(cache=CacheConfig())
-    denoise(model, 12)
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
-
-    with caplog.at_level(logging.WARNING, logger="wanflow.runtime.cache"):
-        latent, stats = denoise(model, 12)
-
-    assert torch.equal(latent, reference)
-    assert not stats.enabled and "several ranks" in stats.summary_text()
-    assert any("several ranks" in r.getMessage() for r in caplog.records)
-
-
 # --- per-job refresh --------------------------------------------------------------------------
 
 @pytest.mark.parametrize(

@@ -8,23 +8,31 @@ cache-dit is used in its transformer-only mode (`enable_cache(transformer, ...)`
 gets its own persistent context, which `refresh_context` resets per job. The sampling loop calls
 each expert like diffusers' WanPipeline does (per step: cond, then uncond when CFG is on), which
 is what `enable_separate_cfg` tells cache-dit to expect.
+
+On the ranks of a multi-rank job (`distributed.current_layout()`, set by the worker) the hooks
+live for one job: cache-dit wraps the forward wrappers the worker installs per job (CFG-parallel's
+splitter), so it goes on fresh after them (the worker calls `release_cache` first) and comes off
+before them, also when the job fails; torchrun's rank 0 shares its transformers with one-device
+jobs, which must find them clean. Every rank takes the same decisions (distributed.py).
 """
 from __future__ import annotations
 
 import contextlib
-import sys
 import logging
+import sys
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
 from .config import SCM_MIN_STEPS, CacheConfig
+from .distributed import CFG_BRANCHES, RankLayout, agree_across_ranks, current_layout, gather_cfg_branches
 from .stats import EXPERT_NAMES, BranchStats, CacheStats, ExpertStats
 
 if TYPE_CHECKING:
     from ..models.wan_model import WanModel
 
 logger = logging.getLogger(__name__)
+
 
 def _cache_dit():
     """cache-dit, imported on first use (heavy), with its console log moved to stderr: it logs
@@ -65,32 +73,50 @@ def job_cache(
 
     config: CacheConfig | None = model.cache
     stats = CacheStats()
-    if config is not None and config.enabled and _multi_rank():
-        # USP runs (issue: parallel) will enable cache-dit with a parallelism config; until
-        # then a multi-rank job runs uncached rather than with diverging per-rank decisions.
-        logger.warning("Cache-DiT is not supported with several ranks yet; running this job uncached")
-        stats.notes.append("not supported with several ranks yet")
-        config = None
     if config is None or not config.enabled:
         for transformer in experts:
             _uninstall(transformer)
         yield stats
         return
 
+    layout = current_layout()
+    # A one-device job in a process of a larger group (torchrun's rank 0) must not let cache-dit
+    # all-reduce with ranks that are not running it.
+    other_ranks = layout is not None or _multi_rank()
     stats.enabled = True
     first_steps = [sum(plan_steps[:i]) for i in range(len(experts))]
     masks: list[list[int] | None] = []
-    for index, (transformer, steps, separate_cfg) in enumerate(zip(experts, plan_steps, plan_cfg)):
+    # Per expert: whether cache-dit sees cond and uncond calls; CFG-parallel gives each rank one.
+    separate = [uses_cfg and not (layout is not None and layout.splits_cfg(t)) for t, uses_cfg in zip(experts, plan_cfg)]
+    for index, (transformer, steps) in enumerate(zip(experts, plan_steps)):
         config.check_blocks(len(transformer.blocks))
         mask = _scm_mask(config, steps, index, len(experts), stats.notes)
         masks.append(mask)
         if steps:
-            _prepare(transformer, config, steps, mask, separate_cfg)
-    yield stats
+            _prepare(transformer, config, steps, mask, separate[index])
+            if other_ranks:
+                agree_across_ranks(transformer, layout.shard if layout is not None else None)
+    try:
+        yield stats
+        for index, (transformer, steps) in enumerate(zip(experts, plan_steps)):
+            if steps:
+                branches = _branch_stats(transformer, first_steps[index], separate[index], layout)
+                stats.experts.append(_expert_stats(transformer, config, index, first_steps[index], branches, masks[index]))
+    finally:
+        if layout is not None:
+            for transformer in experts:
+                _uninstall(transformer)
 
-    for index, (transformer, steps, separate_cfg) in enumerate(zip(experts, plan_steps, plan_cfg)):
-        if steps:
-            stats.experts.append(_expert_stats(transformer, config, index, first_steps[index], separate_cfg, masks[index]))
+
+def release_cache(model: "WanModel") -> None:
+    """Take cache-dit's hooks off every expert of `model` (a no-op without any).
+
+    The multi-rank worker calls it before it wraps the experts' forward for a job: job_cache then
+    installs cache-dit over those wrappers, so hooks left by an earlier one-device job on the same
+    transformers (torchrun's rank 0 shares the caller's) must not lie beneath them.
+    """
+    for transformer in model.experts():
+        _uninstall(transformer)
 
 
 def _expert_steps(experts: list[torch.nn.Module], total: int, expert_steps: Sequence[int] | None) -> list[int]:
@@ -165,22 +191,32 @@ def _uninstall(transformer: torch.nn.Module) -> None:
         delattr(transformer, _STATE_ATTR)
 
 
-def _expert_stats(
-    transformer: torch.nn.Module, config: CacheConfig, expert: int, first_step: int, separate_cfg: bool, mask: list[int] | None
-) -> ExpertStats:
+def _branch_stats(
+    transformer: torch.nn.Module, first_step: int, separate_cfg: bool, layout: RankLayout | None
+) -> list[BranchStats]:
     # Read from the context itself: cache_dit.summary() only sees numbers copied at a
     # context's last step, so a job cut short would report the previous job's.
     (name,) = transformer._context_names
     context = transformer._context_manager.get_context(name)
-    cond = BranchStats("cond", context.executed_steps, [first_step + s for s in context.cached_steps])
-    branches = [cond]
+    if layout is not None and layout.splits_cfg(transformer):
+        mine = BranchStats(CFG_BRANCHES[layout.cfg_index], context.executed_steps,
+                           [first_step + s for s in context.cached_steps])
+        return gather_cfg_branches(layout, mine)
+    branches = [BranchStats("cond", context.executed_steps, [first_step + s for s in context.cached_steps])]
     if separate_cfg:
         uncond_calls = context.transformer_executed_steps - context.executed_steps
         branches.append(BranchStats("uncond", uncond_calls, [first_step + s for s in context.cfg_cached_steps]))
+    return branches
+
+
+def _expert_stats(
+    transformer: torch.nn.Module, config: CacheConfig, expert: int, first_step: int,
+    branches: list[BranchStats], mask: list[int] | None,
+) -> ExpertStats:
     return ExpertStats(
         expert=expert,
         first_step=first_step,
-        steps=context.executed_steps,
+        steps=branches[0].calls,
         num_blocks=len(transformer.blocks),
         blocks_per_cached_call=config.fn + config.bn,
         branches=branches,

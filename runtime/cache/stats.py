@@ -63,7 +63,7 @@ class CacheStats:
     enabled: bool = False
     experts: list[ExpertStats] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    """Why something was switched off (SCM with too few steps, multi-rank run, ...)."""
+    """Why something was switched off (e.g. SCM with too few steps)."""
 
     @property
     def calls(self) -> int:

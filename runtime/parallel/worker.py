@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from ..cache.distributed import RankLayout, rank_layout
+from ..cache.job import release_cache
 from ..errors import InputValueError, JobInterrupted, WanflowError
 from ..progress import ProgressReporter
 from ..sampling.request import SamplingRequest, SamplingResult
@@ -175,8 +177,11 @@ def cfg_split(model: Any, groups: ParallelGroups, request: SamplingRequest) -> I
     for transformer, scale in zip(model.experts(), guidance):
         # The loop skips the uncond call at guidance <= 1 (its rule, mirrored here): nothing to pair.
         if scale > 1.0:
-            transformer.forward = _CfgSplit(transformer, groups, branches)
-            splitters.append(transformer.forward)
+            splitter = _CfgSplit(transformer, groups, branches)
+            # A bound method, as a forward usually is: Cache-DiT wraps it for the job and, when
+            # it takes its hooks off, puts it back with `forward.__get__(transformer)`.
+            transformer.forward = splitter.__call__
+            splitters.append(splitter)
     try:
         yield splitters
     finally:
@@ -189,9 +194,13 @@ def run_job(model: Any, groups: ParallelGroups, request: SamplingRequest, report
     from ..sampling.loop import sample  # noqa: PLC0415 - the loop imports the model stack
 
     with contextlib.ExitStack() as stack:
+        release_cache(model)  # the cache's hooks go on top of the wrappers below, per job
         for transformer in model.experts():
             stack.enter_context(sequence_parallel(transformer, groups))
         splitters = stack.enter_context(cfg_split(model, groups, request))
+        layout = RankLayout(shard=groups.shard, cfg_group=groups.cfg_group, cfg_index=groups.cfg_index,
+                            cfg_split=tuple(s.transformer for s in splitters))
+        stack.enter_context(rank_layout(layout))
         result = sample(model, request, reporter)
     config = groups.config
     result.stats["parallel"] = {
