@@ -32,15 +32,6 @@ MAX_RELATIVE_ERROR = 0.03
 
 # --- fixtures: tiny transformers and a minimal WanPipeline-style loop -------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors here are tiny: on a shared CPU, extra threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def weights() -> list[dict[str, torch.Tensor]]:
     """Two sets of tiny weights (Wan2.2 has two experts), built once."""

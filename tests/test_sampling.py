@@ -40,15 +40,6 @@ def _tiny_transformer(seed: int) -> WanTransformer3DModel:
     return transformer.eval().requires_grad_(False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: on a busy shared CPU, intra-op threads only add spin-wait (10x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def experts() -> tuple[WanTransformer3DModel, WanTransformer3DModel]:
     return _tiny_transformer(0), _tiny_transformer(1)
