@@ -3,6 +3,7 @@ diffusers' own path measured in the same run.
 
     python -m wanflow.scripts.bench --sections peak,attn,forward --sizes 1.3B --out bench.json
     python -m wanflow.scripts.bench --sections cache --cache-steps 50   # cache-dit on a 1.3B job
+    python -m wanflow.scripts.bench --sections job --steps 50 --job-variants int8+compile,int8+compile+dbcache
     python -m wanflow.scripts.bench --smoke        # CPU, tiny configs, seconds (CI)
 
 Weights are random (real architectures built from the shipped configs): timings and
@@ -496,6 +497,7 @@ class LoopJob:
 
 
 def loop_job(size: Size, steps: int, device: torch.device, dtype: torch.dtype) -> LoopJob:
+    from ..runtime.model_setup import prepare_for_sampling  # noqa: PLC0415
     from ..runtime.models.variants import get_variant  # noqa: PLC0415
     from ..runtime.models.wan_model import WanModel  # noqa: PLC0415
     from ..runtime.sampling.request import SamplingRequest  # noqa: PLC0415
@@ -506,18 +508,39 @@ def loop_job(size: Size, steps: int, device: torch.device, dtype: torch.dtype) -
     positive = torch.randn(1, TEXT_TOKENS, cfg["text_dim"], generator=gen).to(device, dtype)
     negative = torch.randn(1, TEXT_TOKENS, cfg["text_dim"], generator=gen).to(device, dtype)
     variant_name = "wan2.1-t2v-1.3b" if size.variant == "tiny" else size.variant
-    wan = WanModel(transformer=model, variant=get_variant(variant_name), dtype=dtype, device=device)
+    # sample() applies the model's own attention choice when it differs from the one recorded
+    # on the transformer; done once here, so the processors configure() sets stay in every job
+    # (the default "auto" would put the INT8 kernel under a "default attention" row on Hopper).
+    wan = prepare_for_sampling(WanModel(transformer=model, variant=get_variant(variant_name), dtype=dtype,
+                                        device=device, attention="sdpa"))
     request = SamplingRequest(positive=positive, negative=negative, latent_shape=size.latent_shape(1, cfg),
                               seed=0, steps=steps, guidance_scale=5.0, shift=5.0, scheduler="unipc")
     return LoopJob(size=size, transformer=model, positive=positive, negative=negative, wan=wan, request=request)
 
 
+def split_job_variant(variant: str) -> tuple[str, CacheConfig | None]:
+    """A job variant "<configure() variant>[+<cache terms>]" -> (configure variant, cache):
+    e.g. "int8+compile+dbcache" -> ("int8+compile", CacheConfig()); the cache terms are
+    cache_config_for()'s, and no attention terms means diffusers' default attention."""
+    terms = variant.split("+")
+    is_cache = [t in ("dbcache", "taylorseer", "taylorseer2") or t.startswith("scm-") for t in terms]
+    attention = "+".join(t for t, c in zip(terms, is_cache) if not c) or "diffusers"
+    cache = "+".join(t for t, c in zip(terms, is_cache) if c)
+    return attention, cache_config_for(cache) if cache else None
+
+
 def section_job(args, report: Report, device: torch.device, dtype: torch.dtype) -> None:
     """A full CFG job: diffusers' WanPipeline (output_type="latent") against our loop, same
-    weights, embeddings, scheduler and seed."""
+    weights, embeddings, scheduler and seed; `--job-variants` may add cache-dit terms to the
+    loop's attention variant (split_job_variant). Each row is timed after a 2-step untimed job
+    of the same setting (compilation, cuBLAS plans, the allocator); errors are the final
+    latent's against the pipeline's and against our uncached loop's with default attention."""
     from diffusers import WanPipeline  # noqa: PLC0415
 
     from ..runtime.sampling.schedulers import make_scheduler  # noqa: PLC0415
+
+    if any(split_job_variant(v)[1] is not None for v in args.job_variants):
+        import cache_dit  # noqa: F401, PLC0415 - imported before timing: its first import takes seconds
 
     size = args.job_size
     job = loop_job(size, args.steps, device, dtype)
@@ -527,36 +550,54 @@ def section_job(args, report: Report, device: torch.device, dtype: torch.dtype) 
                        scheduler=make_scheduler("unipc", job.request.shift))
     pipe.set_progress_bar_config(disable=True)
 
-    def run_pipeline() -> torch.Tensor:
+    def run_pipeline(steps: int) -> tuple[torch.Tensor, dict | None]:
         return pipe(prompt_embeds=job.positive, negative_prompt_embeds=job.negative, height=size.height,
-                    width=size.width, num_frames=size.frames, num_inference_steps=args.steps,
+                    width=size.width, num_frames=size.frames, num_inference_steps=steps,
                     guidance_scale=job.request.guidance_scale,
                     generator=torch.Generator("cpu").manual_seed(job.request.seed),
-                    output_type="latent", return_dict=False)[0]
+                    output_type="latent", return_dict=False)[0], None
 
-    def run_loop() -> torch.Tensor:
-        return job.run_loop()[0]
+    def loop_runner(cache: CacheConfig | None) -> Callable[[int], tuple[torch.Tensor, dict | None]]:
+        def run(steps: int) -> tuple[torch.Tensor, dict | None]:
+            out, stats = dataclasses.replace(job, request=dataclasses.replace(job.request, steps=steps)).run_loop(cache)
+            return out, stats.get("cache")
+        return run
 
-    ref = None
-    for variant, runner in [("diffusers WanPipeline", run_pipeline), ("wanflow loop", run_loop)] + [
-        (f"wanflow loop {v}", run_loop) for v in args.job_variants
-    ]:
-        backend = variant.rpartition(" ")[2] if variant.startswith("wanflow loop ") else "diffusers"
+    rows = [("diffusers WanPipeline", "diffusers", run_pipeline), ("wanflow loop", "diffusers", loop_runner(None))]
+    for v in args.job_variants:
+        attention, cache = split_job_variant(v)
+        rows.append((f"wanflow loop {v}", attention, loop_runner(cache)))
+    ref = loop_ref = None
+    configured = None  # the attention variant in place: rows sharing it reuse its compilation
+    for variant, attention, runner in rows:
         try:
-            configure(model, backend, device)
+            if attention != configured:
+                configured = None
+                configure(model, attention, device)
+                configured = attention
             reset_peak(device)
             with torch.inference_mode():
-                out = runner()
-                sec, times = time_fn(runner, device, warmup=0, repeats=1)
+                runner(min(2, args.steps))
+                _sync(device)
+                t0 = time.perf_counter()
+                out, counts = runner(args.steps)
+                _sync(device)
+                sec = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001
             report.add(section="job", size=size.name, variant=variant, note=f"failed: {type(e).__name__}: {e}"[:300])
             continue
         ref = out if ref is None else ref
+        loop_ref = out if loop_ref is None and variant == "wanflow loop" else loop_ref
         base = report_speedup(report, "job", size.name, sec)
+        note = f"{args.steps} steps CFG" + (f"; time ratio {1 / base:.2f}" if base else "")
+        if counts:
+            note += f"; {counts['computed_calls']}/{counts['calls']} calls computed"
+        rel_loop = None if loop_ref is None else rel_error(out, loop_ref)
+        if rel_loop is not None and variant != "wanflow loop":
+            note += f"; rel err vs our uncached loop {rel_loop:.2e}"
         report.add(section="job", size=size.name, variant=variant, seconds=sec,
-                   speedup=base, tflops=flops / sec / 1e12, peak_gib=peak_memory_gib(device),
-                   rel_err=rel_error(out.float(), ref.float()), times=times,
-                   note=f"{args.steps} steps CFG; time ratio {1 / base:.2f}" if base else f"{args.steps} steps CFG")
+                   speedup=base, tflops=None if counts else flops / sec / 1e12, peak_gib=peak_memory_gib(device),
+                   rel_err=rel_error(out, ref), rel_err_loop=rel_loop, cache=counts, note=note)
     reset_variant(model)
     del model, pipe, job
     reset_peak(device)
@@ -668,7 +709,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attn-kernels", default=",".join(ATTN_KERNELS))
     p.add_argument("--fp32-ref-sizes", default="1.3B",
                    help="sizes whose forward is also run in fp32 as a precision yardstick")
-    p.add_argument("--job-variants", default="int8+compile", help="our loop with these variants")
+    p.add_argument("--job-variants", default="int8+compile",
+                   help="our loop with these variants: a forward variant, optionally + cache terms "
+                        "(e.g. int8+compile+dbcache, see split_job_variant)")
     p.add_argument("--steps", type=int, default=10, help="denoising steps of the job section")
     p.add_argument("--cache-variants", default=",".join(CACHE_VARIANTS),
                    help="cache section: none (baseline, always first) and cache_config_for() names")
@@ -699,7 +742,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.sizes = [SMOKE_SIZE]
         args.job_size = SMOKE_SIZE
-        args.steps = min(args.steps, 2)
+        # 8 steps: past DBCache's 4 warm-up steps, so the job's cache rows do cache.
+        args.steps = min(args.steps, 8)
         args.repeats = 1
         args.vae_repeats = 1
         args.batches = [1, 2]
@@ -708,7 +752,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.batch_variants = ["sdpa"]
         args.fp32_ref_sizes = ["tiny"]
         args.attn_kernels = ["sdpa"]
-        args.job_variants = ["sdpa"]
+        args.job_variants = ["sdpa", "sdpa+dbcache"]
         # SCM needs >= 8 steps (runtime.cache.SCM_MIN_STEPS); fewer would test only its off switch.
         args.cache_steps = min(args.cache_steps, 8)
     return args

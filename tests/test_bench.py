@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from wanflow.scripts import bench
 
@@ -59,3 +60,37 @@ def test_cache_variant_names_map_to_cache_configs():
 def test_unknown_cache_variant_is_rejected():
     with pytest.raises(ValueError, match="scm-turbo"):
         bench.cache_config_for("dbcache+scm-turbo")
+
+
+def test_job_smoke_reports_the_cached_fast_path_against_diffusers_and_our_uncached_loop(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--smoke", "--sections", "job", "--out", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"] if r["section"] == "job"}
+    assert list(rows) == ["diffusers WanPipeline", "wanflow loop", "wanflow loop sdpa", "wanflow loop sdpa+dbcache"]
+    assert all(r["seconds"] > 0 for r in rows.values())
+    assert rows["wanflow loop sdpa"]["cache"] is None and rows["wanflow loop sdpa"]["rel_err_loop"] < 1e-5
+    cached = rows["wanflow loop sdpa+dbcache"]
+    assert 0 < cached["cache"]["cached_calls"] < cached["cache"]["calls"] == 2 * 8  # 8 smoke steps
+    assert 0 < cached["rel_err_loop"] < 5e-2
+    assert 0 < cached["rel_err"] < 5e-2  # against diffusers' pipeline
+
+
+def test_job_variants_split_into_forward_variant_and_cache_config():
+    from wanflow.runtime.cache import CacheConfig
+
+    assert bench.split_job_variant("int8+compile+dbcache") == ("int8+compile", CacheConfig())
+    assert bench.split_job_variant("fp8+compile") == ("fp8+compile", None)
+    assert bench.split_job_variant("dbcache+taylorseer") == ("diffusers", CacheConfig(taylorseer=True))
+
+
+def test_loop_jobs_run_the_attention_the_bench_configured():
+    """sample() re-applies a model's attention choice; the bench's own must survive it."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+    from diffusers.models.transformers.transformer_wan import WanAttention
+
+    cpu = torch.device("cpu")
+    job = bench.loop_job(bench.SMOKE_SIZE, 1, cpu, torch.float32)
+    bench.configure(job.transformer, "math", cpu)
+    job.run_loop()
+    backends = {m.processor._attention_backend for m in job.transformer.modules() if isinstance(m, WanAttention)}
+    assert backends == {AttentionBackendName("_native_math")}
