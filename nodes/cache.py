@@ -67,4 +67,3 @@ class WanflowCacheDiT(SchemaNode):
 
 
 CACHE_NODES = {WanflowCacheDiT.SCHEMA.node_id: WanflowCacheDiT}
-CACHE_DISPLAY_NAMES = {name: cls.SCHEMA.display_name for name, cls in CACHE_NODES.items()}

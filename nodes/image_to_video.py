@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime.paths import list_models
 from ..runtime.sampling.conditioning import image_to_video, with_image
 from ..runtime.sampling.latent_format import latent_shape
 from ..runtime.schema import Input, NodeSchema, Output, SchemaNode

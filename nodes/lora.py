@@ -42,4 +42,3 @@ class WanflowLoRA(SchemaNode):
 
 
 LORA_NODES = {WanflowLoRA.SCHEMA.node_id: WanflowLoRA}
-LORA_DISPLAY_NAMES = {name: cls.SCHEMA.display_name for name, cls in LORA_NODES.items()}

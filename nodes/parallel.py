@@ -34,4 +34,3 @@ class WanflowParallelConfig(SchemaNode):
 
 
 PARALLEL_NODES = {WanflowParallelConfig.SCHEMA.node_id: WanflowParallelConfig}
-PARALLEL_DISPLAY_NAMES = {name: cls.SCHEMA.display_name for name, cls in PARALLEL_NODES.items()}

@@ -30,3 +30,8 @@ def resolve_dtype(name: str) -> torch.dtype | None:
         raise InputValueError(
             f"unknown dtype '{name}' (choose one of {', '.join(DTYPE_CHOICES)})", input_name="dtype"
         ) from None
+
+
+def in_multi_rank_group() -> bool:
+    """Whether this process is one rank of a torch.distributed group of more than one."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1

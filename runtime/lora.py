@@ -39,6 +39,7 @@ import torch
 
 from .errors import InputValueError
 from .lora_formats import LoraError, LoraWeights, LowRank, key_examples, read_lora
+from .models.single_file import FP8_DTYPES
 from .paths import resolve_model
 
 if TYPE_CHECKING:
@@ -50,7 +51,6 @@ TARGETS = ("all", "transformer", "transformer_2")
 MODES = ("merge", "adapter")
 _STATE_ATTR = "_wanflow_lora_state"
 _ADAPTER_PREFIX = "wanflow_lora_"
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _LOCK = threading.RLock()  # one transformer state change at a time (server worker + API calls)
 
 
@@ -74,7 +74,6 @@ class LoraSpec:
 @dataclass
 class _AppliedState:
     signature: tuple
-    specs: tuple[LoraSpec, ...]
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
     adapters: list[str] = field(default_factory=list)
 
@@ -155,12 +154,6 @@ def unmerge(model: "WanModel") -> "WanModel":
         for transformer in model.experts():
             _restore(transformer)
     return model.replace(loras=())
-
-
-def applied_loras(transformer: torch.nn.Module) -> tuple[LoraSpec, ...]:
-    """The stack a transformer carries now (what `sync_loras` compares against)."""
-    state: _AppliedState | None = getattr(transformer, _STATE_ATTR, None)
-    return state.specs if state else ()
 
 
 # --------------------------------------------------------------------------- checks
@@ -288,7 +281,7 @@ def _signature(specs: Sequence[LoraSpec]) -> tuple:
 
 
 def _compute_dtype(model: "WanModel") -> torch.dtype:
-    return torch.bfloat16 if model.dtype in _FP8 else model.dtype
+    return torch.bfloat16 if model.dtype in FP8_DTYPES else model.dtype
 
 
 def _plan(transformer: torch.nn.Module, expert: str, specs: tuple[LoraSpec, ...]) -> _Plan | None:
@@ -306,7 +299,7 @@ def _carry(plan: _Plan, compute_dtype: torch.dtype) -> None:
     _restore(transformer)
     if not plan.specs:
         return
-    state = _AppliedState(signature=plan.signature, specs=plan.specs)
+    state = _AppliedState(signature=plan.signature)
     setattr(transformer, _STATE_ATTR, state)
     try:
         _merge(transformer, plan.specs, plan.matches, state, compute_dtype)
@@ -329,7 +322,7 @@ def _merge(transformer: torch.nn.Module, specs: Sequence[LoraSpec], matches: Seq
                 contributions.setdefault(name, []).append((spec.strength, lr, None))
         else:
             for name in match.low_rank:  # fp8 weights under an adapter are dequantised, see module doc
-                if transformer.get_parameter(name).dtype in _FP8:
+                if transformer.get_parameter(name).dtype in FP8_DTYPES:
                     contributions.setdefault(name, [])
         for name, diff in match.diffs.items():
             contributions.setdefault(name, []).append((spec.strength, None, diff))
@@ -344,7 +337,7 @@ def _merge(transformer: torch.nn.Module, specs: Sequence[LoraSpec], matches: Seq
                     total.add_(lr.delta(tuple(param.shape), total.device), alpha=strength)
                 if diff is not None:
                     total.add_(diff.to(total.device, torch.float32).reshape(param.shape), alpha=strength)
-            if param.dtype in _FP8:
+            if param.dtype in FP8_DTYPES:
                 param.data = total.to(compute_dtype)
             else:
                 param.data.copy_(total)

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from .attention import apply_attention_backend
+from .devices import in_multi_rank_group
 from .errors import InputValueError
 from .lora import sync_loras
 from .models.wan_model import WanModel
@@ -21,12 +20,6 @@ log = logging.getLogger(__name__)
 _STATE_ATTR = "_wanflow_run_state"
 MODEL_OFFLOAD_MODES = ("none", "block", "leaf")
 """DiT offload modes a sampler can run with ("model" would need moving it in for every job)."""
-
-
-def _in_parallel_rank() -> bool:
-    # Inside a USP rank the worker group has installed its sequence-parallel processors (and
-    # chose the kernel under them); replacing them here would undo the parallelism.
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 def prepare_for_sampling(model: WanModel) -> WanModel:
@@ -50,7 +43,9 @@ def prepare_for_sampling(model: WanModel) -> WanModel:
                 )
             apply_offload(transformer, model.offload, model.device)
             state["offload"] = model.offload
-        if state["attention"] != model.attention and not _in_parallel_rank():
+        # Inside a USP rank the worker group has installed its sequence-parallel processors (and
+        # chose the kernel under them); replacing them here would undo the parallelism.
+        if state["attention"] != model.attention and not in_multi_rank_group():
             # Offloaded weights sit on the CPU; the kernel choice is for where they compute.
             apply_attention_backend(transformer, model.attention, model.device)
             state["attention"] = model.attention

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -17,7 +16,7 @@ import torch
 
 from .errors import ModelFileError
 from .offload import onloaded
-from .models.detect import detect_file_kind, ensure_kind
+from .models.detect import block_count, detect_file_kind, ensure_kind
 from .models.single_file import SafetensorsHeader, fp8_layout, load_into_empty, load_pretrained, read_header, read_tensors
 
 log = logging.getLogger(__name__)
@@ -113,9 +112,9 @@ def _load_folder(path: Path, dtype: torch.dtype | None, device: str | torch.devi
 def _umt5_config(header: SafetensorsHeader):
     from transformers import UMT5Config
 
-    layers = {int(m.group(1)) for k in header.tensors if (m := re.match(r"^encoder\.block\.(\d+)\.", k))}
+    layers = block_count(header.tensors, r"^encoder\.block\.(\d+)\.")
     bias = "encoder.block.{}.layer.0.SelfAttention.relative_attention_bias.weight"
-    if len(layers) > 1 and bias.format(1) not in header.tensors:
+    if layers > 1 and bias.format(1) not in header.tensors:
         raise ModelFileError(
             f"{header.name} is a T5 encoder, not UMT5 (relative attention bias only in its first "
             "layer): Wan needs umt5-xxl", file=str(header.path))
@@ -126,7 +125,7 @@ def _umt5_config(header: SafetensorsHeader):
     return UMT5Config(
         vocab_size=vocab, d_model=d_model, num_heads=heads,
         d_kv=header.shape("encoder.block.0.layer.0.SelfAttention.q.weight")[0] // heads,
-        d_ff=d_ff, num_layers=len(layers), relative_attention_num_buckets=buckets,
+        d_ff=d_ff, num_layers=layers, relative_attention_num_buckets=buckets,
         feed_forward_proj="gated-gelu" if gated else "relu",
     )
 

@@ -45,10 +45,6 @@ class WanVAE:
     def spatial_ratio(self) -> int:
         return self.model.config.scale_factor_spatial
 
-    @property
-    def temporal_ratio(self) -> int:
-        return self.model.config.scale_factor_temporal
-
 
 def load_vae(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> WanVAE:
     """A Wan2.1 or Wan2.2 VAE from a ComfyUI single file (original Wan layout), a diffusers

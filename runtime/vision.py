@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import InputValueError, ModelFileError
-from .models.detect import detect_file_kind, ensure_kind
+from .models.detect import block_count, detect_file_kind, ensure_kind
 from .models.single_file import SafetensorsHeader, load_into_empty, load_pretrained, read_header
 
 log = logging.getLogger(__name__)
@@ -105,11 +104,11 @@ def _clip_config(header: SafetensorsHeader):
     if grid * grid != positions - 1:
         raise ModelFileError(f"{header.name}: {positions} position embeddings is not a square grid plus a class token",
                              file=str(header.path), key=f"{_PREFIX}embeddings.position_embedding.weight")
-    layers = {int(m.group(1)) for k in header.tensors if (m := re.match(rf"^{_PREFIX}encoder\.layers\.(\d+)\.", k))}
+    layers = block_count(header.tensors, rf"^{_PREFIX}encoder\.layers\.(\d+)\.")
     return CLIPVisionConfig(
         hidden_size=hidden,
         intermediate_size=header.shape(f"{_PREFIX}encoder.layers.0.mlp.fc1.weight")[0],
-        num_hidden_layers=len(layers),
+        num_hidden_layers=layers,
         num_attention_heads=_HEADS_BY_WIDTH.get(hidden, max(1, hidden // 64)),
         patch_size=patch,
         image_size=grid * patch,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
+from ..devices import in_multi_rank_group
 from .config import SCM_MIN_STEPS, CacheConfig
 from .distributed import CFG_BRANCHES, RankLayout, agree_across_ranks, current_layout, gather_cfg_branches
 from .stats import EXPERT_NAMES, BranchStats, CacheStats, ExpertStats
@@ -82,7 +83,7 @@ def job_cache(
     layout = current_layout()
     # A one-device job in a process of a larger group (torchrun's rank 0) must not let cache-dit
     # all-reduce with ranks that are not running it.
-    other_ranks = layout is not None or _multi_rank()
+    other_ranks = layout is not None or in_multi_rank_group()
     stats.enabled = True
     first_steps = [sum(plan_steps[:i]) for i in range(len(experts))]
     masks: list[list[int] | None] = []
@@ -128,10 +129,6 @@ def _expert_steps(experts: list[torch.nn.Module], total: int, expert_steps: Sequ
     if len(steps) != len(experts) or sum(steps) != total or min(steps) < 0:
         raise ValueError(f"expert_steps {steps} must give each of {len(experts)} experts a share of {total} steps")
     return steps
-
-
-def _multi_rank() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 def _scm_mask(config: CacheConfig, steps: int, expert: int, num_experts: int, notes: list[str]) -> list[int] | None:

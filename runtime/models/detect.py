@@ -55,7 +55,8 @@ def ensure_kind(kind: str, expected: str, file_name: str, *, file: str | None = 
     )
 
 
-def _block_count(keys: Iterable[str], pattern: str) -> int:
+def block_count(keys: Iterable[str], pattern: str) -> int:
+    """How many numbered blocks `keys` hold: `pattern` captures the block index."""
     indices = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
     return max(indices) + 1 if indices else 0
 
@@ -88,7 +89,7 @@ def derive_transformer_config(shapes: Mapping[str, tuple[int, ...]], file: str) 
         text_dim=shape("text_embedding.0.weight")[1],
         freq_dim=shape("time_embedding.0.weight")[1],
         ffn_dim=shape("blocks.0.ffn.0.weight")[0],
-        num_layers=_block_count(shapes, r"^blocks\.(\d+)\."),
+        num_layers=block_count(shapes, r"^blocks\.(\d+)\."),
         cross_attn_norm="blocks.0.norm3.weight" in shapes,
         qk_norm="rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in shapes else None,
         image_dim=shape("img_emb.proj.0.weight")[0] if has_img else None,

@@ -12,6 +12,7 @@ files) is written here and checked, key by key, against those converters.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,10 +56,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -115,8 +113,7 @@ def read_header(path: str | Path, *, strip_prefixes: Iterable[str] = ()) -> Safe
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            stored = {k: TensorInfo(_dtype_of(f.get_slice(k).get_dtype(), path, k),
-                                    tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+            stored = {k: _info(f.get_slice(k), path, k) for k in f.keys()}
     except SafetensorError as e:
         raise ModelFileError(
             f"{path.name} is not a valid .safetensors file (truncated, corrupt, or another "
@@ -135,12 +132,14 @@ def read_header(path: str | Path, *, strip_prefixes: Iterable[str] = ()) -> Safe
                              _stored=renamed)
 
 
-def _dtype_of(name: str, path: Path, key: str) -> torch.dtype:
+def _info(tensor_slice, path: Path, key: str) -> TensorInfo:
+    name = tensor_slice.get_dtype()
     try:
-        return _DTYPES[name]
+        dtype = _DTYPES[name]
     except KeyError:
         raise ModelFileError(f"{path.name}: tensor '{key}' has unsupported dtype {name}",
                              file=str(path), key=key) from None
+    return TensorInfo(dtype, tuple(tensor_slice.get_shape()))
 
 
 # --------------------------------------------------------------------------- fp8 / fp8_scaled
@@ -194,8 +193,9 @@ def read_tensors(
     try:
         with safe_open(str(header.path), framework="pt", device=str(device)) as f:
             for target, key in names.items():
-                if (key, dtype_for(target)) in done:
-                    out[target] = done[(key, dtype_for(target))]
+                dtype = dtype_for(target)
+                if (key, dtype) in done:
+                    out[target] = done[(key, dtype)]
                     continue
                 tensor = f.get_tensor(header.source_key(key))
                 scale_key = layout.scales.get(key)
@@ -206,7 +206,7 @@ def read_tensors(
                     tensor = tensor.float() * scale
                 elif tensor.dtype in FP8_DTYPES:
                     tensor = tensor.float()
-                out[target] = done[(key, dtype_for(target))] = tensor.to(dtype_for(target))
+                out[target] = done[(key, dtype)] = tensor.to(dtype)
     except SafetensorError as e:
         raise ModelFileError(f"{header.name}: could not read tensor data ({e})",
                              file=str(header.path)) from None
