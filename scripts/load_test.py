@@ -59,6 +59,8 @@ class JobTiming:
     create_ms: int = 0
     ok: bool = False
     error: str = ""
+    started: float = field(default_factory=time.time, repr=False)
+    """Client clock (epoch seconds) when the job was submitted: end-to-end times start here."""
 
 
 @dataclass
@@ -113,21 +115,36 @@ async def _server_times(session: aiohttp.ClientSession, url: str, timing: JobTim
         timing.error = json.dumps(job.get("execution_error", job["status"]))[:300]
 
 
+async def _submit(session: aiohttp.ClientSession, url: str, body: dict, timing: JobTiming) -> dict | None:
+    """POST a job, timing the round trip; the reply, or None (error recorded) when it was refused."""
+    async with session.post(url, json=body) as response:
+        reply = await response.json()
+    timing.submit_ms = (time.time() - timing.started) * 1000
+    if response.status != 200:
+        timing.error = json.dumps(reply)[:300]
+        return None
+    return reply
+
+
+async def _finished(session: aiohttp.ClientSession, url: str, timing: JobTiming) -> None:
+    """The client knows the job ended: end-to-end and notification times, then the server's times."""
+    done = time.time()
+    timing.e2e_ms = (done - timing.started) * 1000
+    await _server_times(session, url, timing)
+    timing.notify_ms = done * 1000 - timing.end_ms
+
+
 async def _comfy_client(index: int, url: str, prompts: list[dict], timeout: float) -> list[JobTiming]:
     client_id = uuid.uuid4().hex
     timings = []
     async with aiohttp.ClientSession() as session, session.ws_connect(f"{url}/ws?clientId={client_id}") as ws:
         for prompt in prompts:
             timing = JobTiming(index, "comfy")
-            started = time.time()
-            async with session.post(f"{url}/prompt", json={"prompt": prompt, "client_id": client_id}) as response:
-                body = await response.json()
-            timing.submit_ms = (time.time() - started) * 1000
-            if response.status != 200:
-                timing.error = json.dumps(body)[:300]
-                timings.append(timing)
+            timings.append(timing)
+            reply = await _submit(session, f"{url}/prompt", {"prompt": prompt, "client_id": client_id}, timing)
+            if reply is None:
                 continue
-            timing.job_id = body["prompt_id"]
+            timing.job_id = reply["prompt_id"]
             while True:
                 msg = await ws.receive(timeout=timeout)
                 if msg.type != aiohttp.WSMsgType.TEXT:
@@ -136,14 +153,10 @@ async def _comfy_client(index: int, url: str, prompts: list[dict], timeout: floa
                 if data["type"] == "executing" and data["data"].get("node") is None \
                         and data["data"].get("prompt_id") == timing.job_id:
                     break
-            done = time.time()
-            timing.e2e_ms = (done - started) * 1000
-            await _server_times(session, url, timing)
-            timing.notify_ms = done * 1000 - timing.end_ms
+            await _finished(session, url, timing)
             async with session.get(f"{url}/history/{timing.job_id}") as response:
                 history = await response.json()
             timing.ok = timing.ok and bool(history.get(timing.job_id, {}).get("outputs"))
-            timings.append(timing)
     return timings
 
 
@@ -152,13 +165,9 @@ async def _openai_client(index: int, url: str, requests: list[dict], timeout: fl
     async with aiohttp.ClientSession() as session:
         for fields in requests:
             timing = JobTiming(index, "openai")
-            started = time.time()
-            async with session.post(f"{url}/v1/videos", json=fields) as response:
-                body = await response.json()
-            timing.submit_ms = (time.time() - started) * 1000
-            if response.status != 200:
-                timing.error = json.dumps(body)[:300]
-                timings.append(timing)
+            timings.append(timing)
+            body = await _submit(session, f"{url}/v1/videos", fields, timing)
+            if body is None:
                 continue
             timing.job_id = body["id"]
             deadline = time.monotonic() + timeout
@@ -166,13 +175,9 @@ async def _openai_client(index: int, url: str, requests: list[dict], timeout: fl
                 await asyncio.sleep(POLL_S)
                 async with session.get(f"{url}/v1/videos/{timing.job_id}") as response:
                     body = await response.json()
-            done = time.time()
-            timing.e2e_ms = (done - started) * 1000
-            await _server_times(session, url, timing)
-            timing.notify_ms = done * 1000 - timing.end_ms
+            await _finished(session, url, timing)
             async with session.get(f"{url}/v1/videos/{timing.job_id}/content") as response:
                 timing.ok = timing.ok and response.status == 200 and len(await response.read()) > 0
-            timings.append(timing)
     return timings
 
 

@@ -14,7 +14,7 @@ import requests
 
 from wanflow.nodes import node_registry
 from wanflow.runtime import io_dirs, paths
-from wanflow.runtime.server.app import RunningServer, ServeOptions
+from wanflow.runtime.server.app import RunningServer
 from wanflow.scripts import make_workflows
 
 pytestmark = pytest.mark.slow
@@ -44,13 +44,11 @@ def _tiny_workflow(folder: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_models):
+def server(tmp_path_factory, serve_options):
     tmp = tmp_path_factory.mktemp("browser_server")
     registry = node_registry()
     _tiny_workflow(tmp / "workflows")
-    options = ServeOptions(models_dir=tiny_models.root, output_dir=tmp / "output", input_dir=tmp / "input",
-                           temp_dir=tmp / "temp", user_dir=tmp / "user", port=0, workflows_dir=tmp / "workflows")
-    with RunningServer(options, registry) as running:
+    with RunningServer(serve_options(tmp, workflows_dir=tmp / "workflows"), registry) as running:
         yield running
     paths.set_models_dir(None)
     io_dirs.set_io_dirs()

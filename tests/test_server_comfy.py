@@ -15,7 +15,7 @@ from PIL import Image
 
 from wanflow.nodes import node_registry
 from wanflow.runtime import io_dirs, paths
-from wanflow.runtime.server.app import RunningServer, ServeOptions
+from wanflow.runtime.server.app import RunningServer
 from wanflow.runtime.workflow.templates import GenerationRequest, build_prompt
 
 TIMEOUT = 120
@@ -28,11 +28,9 @@ def registry():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_models, registry):
+def server(tmp_path_factory, serve_options, registry):
     tmp = tmp_path_factory.mktemp("comfy_server")
-    options = ServeOptions(models_dir=tiny_models.root, output_dir=tmp / "output", input_dir=tmp / "input",
-                           temp_dir=tmp / "temp", user_dir=tmp / "user", port=0, max_upload_mb=1)
-    with RunningServer(options, registry) as running:
+    with RunningServer(serve_options(tmp, max_upload_mb=1), registry) as running:
         yield running
     paths.set_models_dir(None)
     io_dirs.set_io_dirs()
@@ -233,10 +231,8 @@ def test_userdata_is_confined_to_the_user_folder(server, healthy):
     assert response.status_code == 400
 
 
-def test_api_key_guards_every_route(tmp_path, tiny_models, registry):
-    options = ServeOptions(models_dir=tiny_models.root, output_dir=tmp_path / "out", input_dir=tmp_path / "in",
-                           temp_dir=tmp_path / "temp", user_dir=tmp_path / "user", port=0, api_key="s3cret")
-    with RunningServer(options, registry) as keyed:
+def test_api_key_guards_every_route(tmp_path, serve_options, registry):
+    with RunningServer(serve_options(tmp_path, api_key="s3cret"), registry) as keyed:
         assert requests.get(f"{keyed.url}/api/queue", timeout=10).status_code == 401
         assert requests.get(f"{keyed.url}/v1/models", timeout=10).json()["error"]["code"] == "invalid_api_key"
         assert requests.get(f"{keyed.url}/", timeout=10).status_code == 401

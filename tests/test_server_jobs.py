@@ -10,7 +10,7 @@ import requests
 
 from wanflow.nodes import node_registry
 from wanflow.runtime import io_dirs, model_cache, paths
-from wanflow.runtime.server.app import RunningServer, ServeOptions
+from wanflow.runtime.server.app import RunningServer
 from wanflow.runtime.server.jobs import CANCELLED, COMPLETED, IN_PROGRESS, PENDING, JobStore
 from wanflow.runtime.workflow.executor import ExecutionResult
 from wanflow.runtime.workflow.templates import GenerationRequest, build_prompt
@@ -95,11 +95,6 @@ class _StalledExecutor:
         return ExecutionResult(prompt_id, "interrupted", {}, {}, [], [])
 
 
-def _options(tmp_path, tiny_models) -> ServeOptions:
-    return ServeOptions(models_dir=tiny_models.root, output_dir=tmp_path / "output", input_dir=tmp_path / "input",
-                        temp_dir=tmp_path / "temp", user_dir=tmp_path / "user", port=0)
-
-
 def _wait_finished(url: str, ids: list[str]) -> dict:
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
@@ -110,19 +105,19 @@ def _wait_finished(url: str, ids: list[str]) -> dict:
     raise AssertionError(f"jobs did not finish in {TIMEOUT} s")
 
 
-def test_jobs_queued_when_the_server_stops_run_after_a_restart(tmp_path, tiny_models):
+def test_jobs_queued_when_the_server_stops_run_after_a_restart(tmp_path, serve_options):
     registry = node_registry()
     stalled = _StalledExecutor()
     prompts = [build_prompt(GenerationRequest(model="tiny-wan2.1-t2v", prompt="a fox", seed=s), registry=registry)
                for s in range(3)]
-    with RunningServer(_options(tmp_path, tiny_models), registry, executor=stalled) as first:
+    with RunningServer(serve_options(tmp_path), registry, executor=stalled) as first:
         ids = [requests.post(f"{first.url}/prompt", json={"prompt": p}, timeout=30).json()["prompt_id"]
                for p in prompts]
         assert stalled.started.wait(30)
         queue = requests.get(f"{first.url}/queue", timeout=10).json()
         assert [item[1] for item in queue["queue_running"] + queue["queue_pending"]] == ids
 
-    with RunningServer(_options(tmp_path, tiny_models), registry) as second:
+    with RunningServer(serve_options(tmp_path), registry) as second:
         history = _wait_finished(second.url, ids)
         assert [history[i]["status"]["status_str"] for i in ids] == ["success"] * 3
         # One worker drains in order: each job starts after the previous one ended.
@@ -131,22 +126,22 @@ def test_jobs_queued_when_the_server_stops_run_after_a_restart(tmp_path, tiny_mo
         assert requests.get(f"{second.url}/queue", timeout=10).json() == {"queue_running": [], "queue_pending": []}
 
 
-def test_history_from_before_a_restart_is_still_served(tmp_path, tiny_models):
+def test_history_from_before_a_restart_is_still_served(tmp_path, serve_options):
     registry = node_registry()
     prompt = build_prompt(GenerationRequest(model="tiny-wan2.1-t2v", prompt="a fox", seed=1), registry=registry)
-    with RunningServer(_options(tmp_path, tiny_models), registry) as first:
+    with RunningServer(serve_options(tmp_path), registry) as first:
         job_id = requests.post(f"{first.url}/prompt", json={"prompt": prompt}, timeout=30).json()["prompt_id"]
         before = _wait_finished(first.url, [job_id])[job_id]
-    with RunningServer(_options(tmp_path, tiny_models), registry) as second:
+    with RunningServer(serve_options(tmp_path), registry) as second:
         after = requests.get(f"{second.url}/history/{job_id}", timeout=10).json()[job_id]
     assert after == before
     assert after["outputs"]
 
 
-def test_interrupt_cancels_the_running_job_and_the_next_one_runs(tmp_path, tiny_models):
+def test_interrupt_cancels_the_running_job_and_the_next_one_runs(tmp_path, serve_options):
     registry = node_registry()
     stalled = _StalledExecutor()
-    with RunningServer(_options(tmp_path, tiny_models), registry, executor=stalled) as server:
+    with RunningServer(serve_options(tmp_path), registry, executor=stalled) as server:
         prompt = build_prompt(GenerationRequest(model="tiny-wan2.1-t2v", prompt="x", seed=0), registry=registry)
         first = requests.post(f"{server.url}/prompt", json={"prompt": prompt}, timeout=30).json()["prompt_id"]
         second = requests.post(f"{server.url}/prompt", json={"prompt": prompt}, timeout=30).json()["prompt_id"]
@@ -158,12 +153,12 @@ def test_interrupt_cancels_the_running_job_and_the_next_one_runs(tmp_path, tiny_
         assert server.server.store.get(second).status == IN_PROGRESS
 
 
-def test_twenty_clients_times_ten_requests_all_complete(tmp_path, tiny_models):
+def test_twenty_clients_times_ten_requests_all_complete(tmp_path, serve_options):
     """20 concurrent clients (half ComfyUI over the websocket, half OpenAI polling) x 10 requests:
     every job completes and is found again; none is lost or run twice. Identical requests keep it
     fast (the executor's cache answers), so this measures the server, not the model."""
     registry = node_registry()
-    with RunningServer(_options(tmp_path, tiny_models), registry) as server:
+    with RunningServer(serve_options(tmp_path), registry) as server:
         report = asyncio.run(run_load(server.url, registry, clients=20, requests=10, api="mixed", mode="cached",
                                       timeout=TIMEOUT))
         assert server.server.store.count() == 200
@@ -171,12 +166,10 @@ def test_twenty_clients_times_ten_requests_all_complete(tmp_path, tiny_models):
     assert report.stats["overhead_ms"]["p99"] < 2000
 
 
-def test_preload_loads_the_model_before_the_first_job(tmp_path, tiny_models):
+def test_preload_loads_the_model_before_the_first_job(tmp_path, serve_options):
     model_cache.clear()
     loads = dict(model_cache.load_counts)
-    options = _options(tmp_path, tiny_models)
-    options.preload = "tiny-wan2.1-t2v"
-    with RunningServer(options, node_registry()) as server:
+    with RunningServer(serve_options(tmp_path, preload="tiny-wan2.1-t2v"), node_registry()) as server:
         assert server.server.store.count() == 0
         for kind in ("diffusion_models", "text_encoders", "vae"):
             assert model_cache.load_counts.get(kind, 0) == loads.get(kind, 0) + 1, kind

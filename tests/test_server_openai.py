@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from wanflow.nodes import node_registry
 from wanflow.runtime import io_dirs, paths
 from wanflow.runtime.media import read_video_frames
-from wanflow.runtime.server.app import RunningServer, ServeOptions
+from wanflow.runtime.server.app import RunningServer
 from wanflow.runtime.tiny import TINY_TRANSFORMER_CONFIG
 
 MODEL = "tiny-wan2.1-t2v"
@@ -41,13 +41,11 @@ def _write_lora(path) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_models):
+def server(tmp_path_factory, tiny_models, serve_options):
     tmp = tmp_path_factory.mktemp("openai_server")
     _write_lora(tiny_models.root / "loras" / "style.safetensors")
     registry = node_registry()
-    options = ServeOptions(models_dir=tiny_models.root, output_dir=tmp / "output", input_dir=tmp / "input",
-                           temp_dir=tmp / "temp", user_dir=tmp / "user", port=0)
-    with RunningServer(options, registry) as running:
+    with RunningServer(serve_options(tmp), registry) as running:
         yield running
     paths.set_models_dir(None)
     io_dirs.set_io_dirs()

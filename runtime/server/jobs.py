@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status_number ON jobs (status, number);
 """
+# Back to the queue, looking never started: its old `number` keeps its place in the queue.
+_REQUEUE = "UPDATE jobs SET status = ?, started_at = NULL, progress = 0"
 _JSON_COLUMNS = ("prompt", "extra_data", "outputs_to_execute", "request", "outputs", "messages", "meta", "error")
 
 
@@ -79,6 +81,20 @@ class Job:
     @property
     def client_id(self) -> str | None:
         return self.extra_data.get("client_id")
+
+
+def _marks(count: int) -> str:
+    return ",".join("?" * count)
+
+
+def _where(statuses: Iterable[str], source: str | None = None) -> tuple[str, list[Any]]:
+    """The WHERE clause (and its parameters) selecting jobs by status and, optionally, source."""
+    wanted = tuple(statuses)
+    sql, params = f"status IN ({_marks(len(wanted))})", list(wanted)
+    if source is not None:
+        sql += " AND source = ?"
+        params.append(source)
+    return sql, params
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:
@@ -180,34 +196,29 @@ class JobStore:
 
     def requeue(self, job_id: str) -> None:
         """Put a started job back in the queue, at its old place."""
-        self._execute("UPDATE jobs SET status = ?, started_at = NULL, progress = 0 WHERE id = ?", (PENDING, job_id))
+        self._execute(f"{_REQUEUE} WHERE id = ?", (PENDING, job_id))
 
     def requeue_unfinished(self) -> int:
         """After a restart: jobs left `in_progress` by a dead process go back to the queue."""
-        cursor = self._execute(
-            "UPDATE jobs SET status = ?, started_at = NULL, progress = 0 WHERE status = ?", (PENDING, IN_PROGRESS)
-        )
-        return cursor.rowcount
+        return self._execute(f"{_REQUEUE} WHERE status = ?", (PENDING, IN_PROGRESS)).rowcount
 
     def delete(self, job_ids: Iterable[str], statuses: Iterable[str] = ALL_STATUSES) -> list[str]:
         """Delete the given jobs that are in one of `statuses`; returns the ids deleted."""
-        ids, wanted = list(job_ids), tuple(statuses)
+        ids = list(job_ids)
         if not ids:
             return []
-        marks, status_marks = ",".join("?" * len(ids)), ",".join("?" * len(wanted))
+        where, params = _where(statuses)
         with self._lock:
             found = [r["id"] for r in self._db.execute(
-                f"SELECT id FROM jobs WHERE id IN ({marks}) AND status IN ({status_marks})", (*ids, *wanted)
+                f"SELECT id FROM jobs WHERE id IN ({_marks(len(ids))}) AND {where}", (*ids, *params)
             )]
             if found:
-                self._db.execute(f"DELETE FROM jobs WHERE id IN ({','.join('?' * len(found))})", found)
+                self._db.execute(f"DELETE FROM jobs WHERE id IN ({_marks(len(found))})", found)
         return found
 
     def clear(self, statuses: Iterable[str]) -> int:
-        wanted = tuple(statuses)
-        return self._execute(
-            f"DELETE FROM jobs WHERE status IN ({','.join('?' * len(wanted))})", wanted
-        ).rowcount
+        where, params = _where(statuses)
+        return self._execute(f"DELETE FROM jobs WHERE {where}", params).rowcount
 
     # --- reading -------------------------------------------------------------------------
 
@@ -224,22 +235,12 @@ class JobStore:
         offset: int = 0,
         newest_first: bool = False,
     ) -> list[Job]:
-        wanted = tuple(statuses)
-        sql = f"SELECT * FROM jobs WHERE status IN ({','.join('?' * len(wanted))})"
-        params: list[Any] = list(wanted)
-        if source is not None:
-            sql += " AND source = ?"
-            params.append(source)
-        sql += " ORDER BY created_at DESC, number DESC" if newest_first else " ORDER BY number"
-        sql += " LIMIT ? OFFSET ?"
+        where, params = _where(statuses, source)
+        order = "created_at DESC, number DESC" if newest_first else "number"
         params += [limit if limit is not None else -1, offset]
+        sql = f"SELECT * FROM jobs WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?"
         return [_row_to_job(r) for r in self._execute(sql, params).fetchall()]
 
     def count(self, statuses: Iterable[str] = ALL_STATUSES, *, source: str | None = None) -> int:
-        wanted = tuple(statuses)
-        sql = f"SELECT COUNT(*) FROM jobs WHERE status IN ({','.join('?' * len(wanted))})"
-        params: list[Any] = list(wanted)
-        if source is not None:
-            sql += " AND source = ?"
-            params.append(source)
-        return self._execute(sql, params).fetchone()[0]
+        where, params = _where(statuses, source)
+        return self._execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", params).fetchone()[0]

@@ -18,12 +18,22 @@ def _timestamp() -> int:
 
 
 @dataclass
-class ExecutionErrorInfo:
-    """ComfyUI's `execution_error` payload (less prompt_id), plus the exception itself."""
+class _NodeStop:
+    """Where a job stopped: the fields ComfyUI's error and interrupt payloads share."""
 
     node_id: str
     node_type: str
     executed: list[str]
+
+    def message(self, prompt_id: str) -> dict[str, Any]:
+        return {"prompt_id": prompt_id, "node_id": self.node_id, "node_type": self.node_type,
+                "executed": list(self.executed)}
+
+
+@dataclass
+class ExecutionErrorInfo(_NodeStop):
+    """ComfyUI's `execution_error` payload (less prompt_id), plus the exception itself."""
+
     exception_message: str
     exception_type: str
     traceback: list[str]
@@ -34,10 +44,7 @@ class ExecutionErrorInfo:
 
     def message(self, prompt_id: str) -> dict[str, Any]:
         return {
-            "prompt_id": prompt_id,
-            "node_id": self.node_id,
-            "node_type": self.node_type,
-            "executed": list(self.executed),
+            **super().message(prompt_id),
             "exception_message": self.exception_message,
             "exception_type": self.exception_type,
             "traceback": list(self.traceback),
@@ -47,20 +54,8 @@ class ExecutionErrorInfo:
 
 
 @dataclass
-class InterruptedInfo:
+class InterruptedInfo(_NodeStop):
     """ComfyUI's `execution_interrupted` payload (less prompt_id)."""
-
-    node_id: str
-    node_type: str
-    executed: list[str]
-
-    def message(self, prompt_id: str) -> dict[str, Any]:
-        return {
-            "prompt_id": prompt_id,
-            "node_id": self.node_id,
-            "node_type": self.node_type,
-            "executed": list(self.executed),
-        }
 
 
 class ExecutionListener:
