@@ -270,10 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except WorkflowValidationError as e:
-        log.error("invalid workflow: %s", e.message)
-        for node_id, entry in e.node_errors.items():
-            for err in entry.get("errors", []):
-                log.error("  node %s (%s): %s", node_id, entry.get("class_type"), err.get("details") or err.get("message"))
+        log.error("invalid workflow: %s", e.message)  # the message lists every node error
         return 2
     except WanflowError as e:
         log.error("%s", e.message)
