@@ -11,6 +11,7 @@ import logging
 from .attention import apply_attention_backend
 from .devices import in_multi_rank_group
 from .errors import InputValueError
+from .fp8_linear import LINEAR_MODES, quantize_linears
 from .lora import sync_loras
 from .models.wan_model import WanModel
 from .offload import apply_offload
@@ -23,8 +24,10 @@ MODEL_OFFLOAD_MODES = ("none", "block", "leaf")
 
 
 def prepare_for_sampling(model: WanModel) -> WanModel:
-    """Apply the model's LoRA stack, attention backend, offload and compile to its experts."""
+    """Apply the model's LoRA stack, attention backend, linear-layer precision,
+    offload and compile to its experts."""
     model = sync_loras(model)
+    linear = _linear_mode(model)
     if model.offload not in MODEL_OFFLOAD_MODES:
         raise InputValueError(
             f"offload '{model.offload}' is not a transformer mode (choose {', '.join(MODEL_OFFLOAD_MODES)})",
@@ -33,8 +36,17 @@ def prepare_for_sampling(model: WanModel) -> WanModel:
     for transformer in model.experts():
         state = getattr(transformer, _STATE_ATTR, None)
         if state is None:
-            state = {"attention": None, "offload": "none", "compiled": False}
+            state = {"attention": None, "offload": "none", "compiled": False, "linear": "bf16"}
             setattr(transformer, _STATE_ATTR, state)
+        if state["linear"] != linear:
+            if state["linear"] != "bf16":
+                raise InputValueError(
+                    f"this model's linear layers are already '{state['linear']}'; load it again to use '{linear}'",
+                    input_name="linear",
+                )
+            # Before offload and compile: both capture the modules as they are.
+            quantize_linears(transformer)
+            state["linear"] = linear
         if state["offload"] != model.offload:
             if state["offload"] != "none":
                 raise InputValueError(
@@ -57,3 +69,12 @@ def prepare_for_sampling(model: WanModel) -> WanModel:
                 state["compiled"] = True
     return model
 
+
+def _linear_mode(model: WanModel) -> str:
+    linear = model.linear
+    if linear not in LINEAR_MODES:
+        raise InputValueError(f"linear '{linear}' is unknown (choose {', '.join(LINEAR_MODES)})", input_name="linear")
+    if linear != "bf16" and model.loras:
+        # LoRA layers wrap the bf16 nn.Linear (peft) or merge into it; FP8 codes have neither.
+        raise InputValueError(f"linear '{linear}' cannot be combined with LoRAs; use 'bf16'", input_name="linear")
+    return linear

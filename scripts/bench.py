@@ -49,6 +49,7 @@ from ..runtime.attention import (
     set_self_attention_processor,
 )
 from ..runtime.cache import SCM_PRESETS, CacheConfig
+from ..runtime.fp8_linear import FP8Linear, quantize_linears
 from ..runtime.models.single_file import keep_fp32
 from ..runtime.models.variants import load_shipped_config
 from ..runtime.offload import apply_offload
@@ -233,7 +234,8 @@ def configure(transformer: torch.nn.Module, variant: str, device: torch.device) 
     "diffusers" (exactly as diffusers builds it), "compile" (= diffusers+compile), a name of
     runtime.attention or "<quant backend>:<option>..." (see options_of); fuse = one QKV GEMM;
     compile = regional torch.compile of each block; offload = blocks streamed from pinned CPU
-    memory (runtime.offload "block"; cannot be undone in place: list offload variants last)."""
+    memory (runtime.offload "block"); fp8linear = the blocks' linears as row-wise FP8 GEMMs
+    (runtime.fp8_linear). offload and fp8linear cannot be undone in place: list them last."""
     reset_variant(transformer)
     backend, *flags = variant.split("+")
     if backend == "compile":
@@ -247,9 +249,14 @@ def configure(transformer: torch.nn.Module, variant: str, device: torch.device) 
         resolved = backend
     else:
         resolved = apply_attention_backend(transformer, backend, device)
-    unknown = set(flags) - {"fuse", "compile", "offload"}
+    unknown = set(flags) - {"fuse", "compile", "offload", "fp8linear"}
     if unknown:
         raise ValueError(f"unknown variant flags {sorted(unknown)} in {variant!r}")
+    quantized = any(isinstance(m, FP8Linear) for m in transformer.modules())
+    if quantized and "fp8linear" not in flags:
+        raise ValueError(f"{variant!r} after an fp8linear variant: list fp8linear variants last")
+    if "fp8linear" in flags and not quantized:
+        quantize_linears(transformer)
     if "fuse" in flags:
         transformer.fuse_qkv_projections()
     if "compile" in flags:

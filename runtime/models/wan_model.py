@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +36,8 @@ class WanModel:
     """torch.compile each repeated transformer block (regional compile)."""
     offload: str = "none"
     """runtime.offload mode for the transformer(s): none | block | leaf."""
-    extras: dict[str, Any] = field(default_factory=dict)
+    linear: str = "bf16"
+    """Precision of the blocks' linear layers: bf16 (as loaded) | fp8 (runtime.fp8_linear)."""
 
     def replace(self, **changes: Any) -> "WanModel":
         return dataclasses.replace(self, **changes)
