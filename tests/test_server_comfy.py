@@ -14,7 +14,7 @@ import requests
 from PIL import Image
 
 from wanflow.nodes import node_registry
-from wanflow.runtime import io_dirs, paths
+from wanflow.runtime import io_dirs, model_cache, paths
 from wanflow.runtime.server.app import RunningServer
 from wanflow.runtime.workflow.templates import GenerationRequest, build_prompt
 
@@ -260,3 +260,10 @@ def test_partial_execution_runs_only_the_chosen_output(server, registry, healthy
     outputs = entry[prompt_id]["outputs"]
     # Only node 9 wrote files (the sampler's own UI output carries its statistics).
     assert [node for node, ui in outputs.items() if "images" in ui] == ["9"]
+
+
+def test_free_with_unload_models_drops_every_loaded_model_and_the_next_job_reloads(server, registry, finished_run, healthy):
+    loads = model_cache.load_counts.get("diffusion_models", 0)
+    assert requests.post(f"{server.url}/free", json={"unload_models": True}, timeout=60).status_code == 200
+    asyncio.run(_run_over_websocket(server.url, _prompt(registry, seed=1)))
+    assert model_cache.load_counts["diffusion_models"] == loads + 1

@@ -5,6 +5,8 @@ unchanged; every route here is also served under /api (see app.py).
 """
 from __future__ import annotations
 
+import asyncio
+
 import json
 import mimetypes
 import os
@@ -234,6 +236,10 @@ def add_routes(routes: web.RouteTableDef, server: Any) -> None:  # server: app.W
         if body.get("unload_models") or body.get("free_memory"):
             server.executor.clear_cache()
             model_cache.clear()
+            # Multi-GPU ranks hold their own copies of the model: stop them too.
+            from ..parallel import unload  # noqa: PLC0415 - heavy, and only needed here
+
+            await asyncio.to_thread(unload)
         return web.Response(status=200)
 
     # --- history and jobs ------------------------------------------------------------------
